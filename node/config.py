@@ -229,15 +229,13 @@ def _field_type(dotted: str) -> Any:
 def _parse_env_value(name: str, text: str, dotted: str) -> Any:
     tp = _field_type(dotted)
     where = f"{dotted} (from ${name})"
-    try:
-        if tp is bool:
-            return parse_bool(text, where)
-        if tp is int:
-            return int(text.strip())
-        if tp is float:
-            return float(text.strip())
-    except ValueError:
-        raise ConfigError(where, f"must be {'an integer' if tp is int else 'a number'}, got {text!r}") from None
+    if tp is bool:
+        return parse_bool(text, where)
+    if tp in (int, float):
+        try:
+            return tp(text.strip())
+        except ValueError:
+            raise ConfigError(where, f"must be {'an integer' if tp is int else 'a number'}, got {text!r}") from None
     return text
 
 
@@ -300,7 +298,18 @@ def resolve_config(
     if config.model.name.startswith("builtin:"):
         if config.model.name not in BUILTIN_MODELS:
             raise ConfigError("model.name", f"unknown built-in model; allowed: {', '.join(BUILTIN_MODELS)}")
+    _check_task_names(config)
     return config
+
+
+def _check_task_names(config: ExperimentConfig) -> None:
+    from sapo.tasks import known_task_names  # imports reasoning-gym (~1 s, no torch) only when needed
+
+    known = set(known_task_names())
+    for i, task in enumerate(config.sapo.tasks):
+        if task.name not in known:
+            raise ConfigError(f"sapo.tasks[{i}].name",
+                              f"unknown task {task.name!r}; allowed: {', '.join(sorted(known))}")
 
 
 def with_overrides(config: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentConfig:
