@@ -1,0 +1,234 @@
+"""One node's learner: sample local groups, take external ones, take the GRPO step.
+
+A round, as the node loop drives it (see DESIGN.md §4)::
+
+    questions = learner.sample_questions(node_id, round)            # I questions
+    local = learner.generate(questions, seed=...)                    # I groups of G, scored locally
+    ... publish local, fetch peers' SharedGroups ...
+    chosen = learner.select_external(shared, own_id, rng)            # J groups, re-scored locally
+    stats = learner.train(local + chosen.groups)                     # one (or k) optimizer steps
+
+No I/O here; timings are measured with ``time.perf_counter`` and returned as metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+import torch
+
+from sapo.batch import TrainBatch, build_batch, completion_log_probs
+from sapo.config import SapoConfig
+from sapo.grpo import clipped_policy_loss, ragged_group_advantages
+from sapo.rollouts import Group, encode_prompt, sample_completions
+from sapo.swarm import Selection, SharedGroup, rebuild_group, select_external
+from sapo.tasks import Question, TaskBank, build_prompt
+
+
+@dataclass
+class TrainStats:
+    """What one training step did, for the metrics line."""
+
+    loss: float = 0.0
+    pg_loss: float = 0.0
+    kl: float = 0.0
+    clip_fraction: float = 0.0
+    grad_norm: float = 0.0
+    sequences: int = 0
+    completion_tokens: int = 0
+    micro_batch_size: int = 0
+    optimizer_steps: int = 0
+    skipped: str = ""  # why no step was taken (e.g. no group had signal)
+    seconds: float = 0.0
+
+
+@dataclass
+class GenerateStats:
+    """What sampling a round's local groups did."""
+
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    generate_s: float = 0.0
+    score_s: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA (or MPS) ran out of memory; the step is retried with smaller micro-batches."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class SapoLearner:
+    """A policy, its optimiser and the task bank; the algorithm side of one worker."""
+
+    def __init__(self, model, tokenizer, config: SapoConfig, *, experiment_seed: int = 0, bank: TaskBank | None = None):
+        self.model = model
+        self.experiment_seed = experiment_seed
+        self.tokenizer = tokenizer
+        self.config = config
+        self.bank = bank if bank is not None else TaskBank(config.tasks)
+        # No dropout: the ratio old/new must compare the same function (TRL's GRPO disables it too).
+        self.model.eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim_cls = torch.optim.AdamW if config.weight_decay > 0 else torch.optim.Adam
+        self.optimizer = optim_cls(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.reference = None
+        if config.kl_beta > 0:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.micro_batch_size = config.micro_batch_size  # 0 = everything at once; may shrink after an OOM
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        """Where the policy's parameters live."""
+        return next(self.model.parameters()).device
+
+    # --- local groups -------------------------------------------------------------------------------
+    def sample_questions(self, node_id: str, round_: int) -> list[Question]:
+        """The I questions of this node and round: the same on every run and after a restart."""
+        return self.bank.sample(self.experiment_seed, node_id, round_, self.config.num_train_samples)
+
+    def prompt_for(self, question_text: str) -> str:
+        """The prompt text every node builds for a question (peers' prompts are checked against it)."""
+        return build_prompt(question_text, self.tokenizer)
+
+    def generate(self, questions: list[Question], *, seed: int | None = None, source: str = "") -> tuple[list[Group], GenerateStats]:
+        """G completions for each question in one batched generate, each scored by its task."""
+        cfg = self.config
+        prompts = [self.prompt_for(q.text) for q in questions]
+        prompt_ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens) for p in prompts]
+        t0 = time.perf_counter()
+        sampled = sample_completions(
+            self.model,
+            self.tokenizer,
+            prompt_ids,
+            num_generations=cfg.num_generations,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=seed,
+        )
+        t1 = time.perf_counter()
+        groups = []
+        for i, (question, prompt, ids, completions) in enumerate(zip(questions, prompts, prompt_ids, sampled)):
+            rewards = [self.bank.score(question, c.text, cfg.format_reward) for c in completions]
+            groups.append(Group(question, prompt, ids, completions, rewards, source=source, batch_id=str(i)))
+        t2 = time.perf_counter()
+        stats = GenerateStats(
+            generated_tokens=sum(len(c.token_ids) for g in groups for c in g.completions),
+            prompt_tokens=sum(len(ids) for ids in prompt_ids) * cfg.num_generations,
+            generate_s=t1 - t0,
+            score_s=t2 - t1,
+        )
+        return groups, stats
+
+    # --- external groups ----------------------------------------------------------------------------
+    def rebuild_external(self, shared: SharedGroup) -> Group | str:
+        """One peer group re-scored with our tasks and tokenizer, or why it was dropped."""
+        cfg = self.config
+        return rebuild_group(
+            shared,
+            bank=self.bank,
+            experiment_seed=self.experiment_seed,
+            tokenizer=self.tokenizer,
+            build_prompt=self.prompt_for,
+            num_generations=cfg.num_generations,
+            max_new_tokens=cfg.max_new_tokens,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            format_reward=cfg.format_reward,
+        )
+
+    def select_external(self, shared: list[SharedGroup], own_id: str, rng: random.Random) -> Selection:
+        """J external groups from peers' shared groups (never our own), re-scored locally."""
+        return select_external(
+            shared, own_id=own_id, count=self.config.num_transplant_trees, rng=rng, rebuild=self.rebuild_external
+        )
+
+    # --- the GRPO step ------------------------------------------------------------------------------
+    def train(self, groups: list[Group]) -> TrainStats:
+        """GRPO on these groups: advantages per group, then ``optimizer_steps_per_round`` steps."""
+        t0 = time.perf_counter()
+        stats = TrainStats(sequences=sum(len(g.completions) for g in groups))
+        # The loss is a mean over every completion token of the round's batch (zero-signal groups
+        # included). With beta = 0 a zero-advantage row adds exactly nothing to the gradient, so we
+        # count its tokens in the normaliser but skip its forward pass.
+        total_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
+        used = groups if self.reference is not None else [g for g in groups if g.is_informative]
+        if not used:
+            stats.skipped = "no_signal"  # every advantage is 0: the gradient is exactly zero
+            stats.seconds = time.perf_counter() - t0
+            return stats
+        advantages = ragged_group_advantages([g.rewards for g in used])
+        batch = build_batch(used, advantages, self.pad_id).to(self.device)
+        stats.completion_tokens = total_tokens
+        old_logp = None
+        if self.config.optimizer_steps_per_round > 1:
+            old_logp = self._batch_log_probs(batch)
+        for _ in range(self.config.optimizer_steps_per_round):
+            self._step_with_oom_fallback(batch, old_logp, total_tokens, stats)
+        stats.micro_batch_size = self.micro_batch_size or len(batch)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    @torch.no_grad()
+    def _batch_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
+        size = self.micro_batch_size or len(batch)
+        return [
+            completion_log_probs(self.model, batch.rows(i, i + size), self.config.temperature)[0]
+            for i in range(0, len(batch), size)
+        ]
+
+    def _step_with_oom_fallback(self, batch: TrainBatch, old_logp, total_tokens: int, stats: TrainStats) -> None:
+        while True:
+            try:
+                self._step(batch, old_logp, total_tokens, stats)
+                return
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                size = self.micro_batch_size or len(batch)
+                if not is_out_of_memory(err) or size <= 1 or old_logp is not None:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.micro_batch_size = max(1, size // 2)
+
+    def _step(self, batch: TrainBatch, old_logp: list[torch.Tensor] | None, total_tokens: int, stats: TrainStats) -> None:
+        cfg = self.config
+        size = self.micro_batch_size or len(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = pg_sum = kl_sum = clip_weighted = 0.0
+        for k, start in enumerate(range(0, len(batch), size)):
+            micro = batch.rows(start, start + size)
+            logp, mask = completion_log_probs(self.model, micro, cfg.temperature)  # (n, t)
+            ref_logp = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp, _ = completion_log_probs(self.reference, micro, cfg.temperature)
+            old = old_logp[k] if old_logp is not None else logp.detach()
+            parts = clipped_policy_loss(
+                logp, old, micro.advantages, mask,
+                eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high,
+                ref_logp=ref_logp, beta=cfg.kl_beta, normalizer=float(max(total_tokens, 1)),
+            )
+            parts.loss.backward()  # gradients accumulate across micro-batches; the normaliser is global
+            loss_sum += float(parts.loss.detach())
+            pg_sum += parts.pg_loss
+            kl_sum += parts.kl
+            clip_weighted += parts.clip_fraction * parts.tokens
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.max_grad_norm > 0:
+            stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats.optimizer_steps += 1
+        stats.loss, stats.pg_loss, stats.kl = loss_sum, pg_sum, kl_sum
+        stats.clip_fraction = clip_weighted / max(batch.completion_tokens, 1)
+
+
+def mean_reward(groups: list[Group]) -> float:
+    """Mean reward over every completion of these groups (0.0 for none)."""
+    rewards = [r for g in groups for r in g.rewards]
+    return sum(rewards) / len(rewards) if rewards else 0.0
+

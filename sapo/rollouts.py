@@ -1,0 +1,138 @@
+"""Sampling G completions for each of I prompts in one batched ``generate`` call.
+
+Shapes: P prompts, G completions each, B = P * G sequences, Lp = longest prompt, Tn = new tokens.
+
+Sampling runs on a left-padded batch (what decoder-only ``generate`` needs). Training later rebuilds each
+sequence as ``prompt tokens + completion tokens`` right-padded (see :mod:`sapo.batch`): no pad token ever
+sits between a prompt and its completion. The reference trainer re-tokenised decoded text with left
+padding, which put pads inside sequences and shifted positions; we keep the sampled token ids instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sapo.tasks import Question
+
+
+@dataclass
+class Completion:
+    """One sampled completion: the exact token ids (EOS included when the model stopped) and its text."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool  # the model emitted EOS before max_new_tokens
+
+
+@dataclass
+class Group:
+    """One question with G completions: the unit GRPO normalises over and SAPO shares.
+
+    ``source`` is the node that generated it (our own id for local groups). ``rewards`` are always our
+    own scores: for external groups they come from local re-scoring, never from the peer.
+    """
+
+    question: Question | None
+    prompt: str
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards: list[float] = field(default_factory=list)
+    source: str = ""
+    batch_id: str = ""
+
+    @property
+    def is_informative(self) -> bool:
+        """A group whose rewards all agree has zero advantage everywhere: no learning signal."""
+        return len(set(self.rewards)) > 1
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """Token ids of a prompt, cut from the left to ``max_prompt_tokens`` (the question's end matters most).
+
+    ``add_special_tokens=False``: chat templates already carry their special tokens, and GPT-2 adds none.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids[-max_prompt_tokens:]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def split_completion(new_tokens: list[int], eos_id: int | None) -> tuple[list[int], bool]:
+    """Cut a generated row at its first EOS (kept) and drop trailing padding."""
+    if eos_id is not None and eos_id in new_tokens:
+        end = new_tokens.index(eos_id)
+        return new_tokens[: end + 1], True
+    # No EOS: the row ran to max_new_tokens, and generate pads only rows that already finished.
+    return list(new_tokens), False
+
+
+def decode_completion(tokenizer, token_ids: list[int]) -> str:
+    """The text a peer sees: special tokens (EOS) removed."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None = None,
+) -> list[list[Completion]]:
+    """G completions for each prompt, all in one ``generate`` call; returns ``[prompt][g]``."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+    rows = [ids for ids in prompt_ids for _ in range(num_generations)]  # B = P * G, prompt-major
+    input_ids, attention_mask = _left_pad(rows, pad_id, device)  # (B, Lp)
+    if seed is not None:
+        torch.manual_seed(seed)  # also seeds every CUDA device
+    # A pad token distinct from EOS is not text: never sample it (it would also confuse masks later).
+    suppress = [pad_id] if pad_id != eos_id else None
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,  # pure temperature/nucleus sampling; transformers defaults top_k to 50
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        suppress_tokens=suppress,
+    )  # (B, Lp + Tn)
+    model.train(was_training)
+    new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, Tn)
+    groups: list[list[Completion]] = []
+    for p in range(len(prompt_ids)):
+        group = []
+        for g in range(num_generations):
+            ids, finished = split_completion(new_tokens[p * num_generations + g], eos_id)
+            group.append(Completion(token_ids=ids, text=decode_completion(tokenizer, ids), finished=finished))
+        groups.append(group)
+    return groups
+
+
+def encode_completion(tokenizer, text: str, finished: bool, max_new_tokens: int) -> Completion:
+    """Rebuild a peer's completion from its text with our tokenizer (we train on our own token ids)."""
+    finished = finished and tokenizer.eos_token_id is not None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_new_tokens - int(finished)]
+    if finished:
+        ids.append(tokenizer.eos_token_id)
+    return Completion(token_ids=ids, text=text, finished=finished)
