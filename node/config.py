@@ -45,7 +45,6 @@ class ExperimentSection:
     root: str = option("./runs", "the shared directory, e.g. a Drive mount (env GDRIVE_PATH)")
     seed: int = option(42, "experiment seed: question sampling, model init, exchange choices (env SEED)", min=0)
     max_rounds: int = option(2000, "rounds to run (env MAX_ROUNDS)", min=1)
-    stages_per_round: int = option(1, "stages per round (the seeds' layout keeps a stage level)", min=1)
 
     def __post_init__(self):
         check_fields(self)

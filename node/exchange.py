@@ -1,0 +1,104 @@
+"""The rollout exchange: our groups -> a rollout file, peers' rollout files -> untrusted SharedGroups.
+
+The shared file keeps the seeds' shape plus the task reference every receiver needs to rebuild and
+re-score a question (see node.schemas.RolloutFile). Rewards in it are informational: receivers compare
+them with their own scores and never use them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from node.layout import ExperimentLayout
+from node.schemas import Rollout, RolloutFile, TaskRef
+from node.storage import SharedStore
+from sapo.rollouts import Group
+from sapo.swarm import SharedGroup
+
+log = structlog.get_logger(__name__)
+
+STAGE = 0  # one stage per round (the seeds' layout keeps the stage level)
+
+
+def rollout_file_for(groups: list[Group], *, node_id: str, round_: int, now: float | None = None) -> RolloutFile:
+    """Our groups of one round as the file peers read."""
+    rollouts = {}
+    for group in groups:
+        ref = group.question.ref
+        task = TaskRef(dataset=ref.dataset, seed=ref.seed, index=ref.index)
+        rollouts[group.batch_id] = tuple(
+            Rollout(prompt=group.prompt, response=c.text, reward=float(r), finished=c.finished, task=task)
+            for c, r in zip(group.completions, group.rewards)
+        )
+    return RolloutFile(peer_id=node_id, round=round_, stage=STAGE,
+                       timestamp=time.time() if now is None else now, rollouts=rollouts)
+
+
+def shared_groups_from(file: RolloutFile) -> list[SharedGroup]:
+    """A validated peer file as SharedGroups for sapo.swarm (still untrusted: re-scored there)."""
+    out = []
+    for batch_id, group in file.rollouts.items():
+        if not group:
+            continue
+        out.append(SharedGroup(
+            peer_id=file.peer_id,
+            batch_id=batch_id,
+            prompt=group[0].prompt,
+            responses=tuple(r.response for r in group),
+            finished=tuple(r.finished for r in group),
+            task=group[0].task.to_json(),
+            claimed_rewards=tuple(r.reward for r in group),
+        ))
+    return out
+
+
+class Publisher:
+    """Writes our rollout file for a round at the configured frequency.
+
+    ``generation``: rewrite the file as each question group is done; ``stage``/``round``: once, when the
+    round's local groups are complete (one stage per round, so the two coincide).
+    """
+
+    def __init__(self, store: SharedStore, layout: ExperimentLayout, node_id: str, frequency: str):
+        self.store, self.layout, self.node_id, self.frequency = store, layout, node_id, frequency
+
+    def publish(self, groups: list[Group], round_: int) -> bool:
+        """Publish this round's groups; False when they went to the local spool instead."""
+        path = self.layout.rollout_file(round_, STAGE, self.node_id)
+        if self.frequency == "generation":
+            ok = True
+            for k in range(1, len(groups) + 1):  # the file grows one group at a time
+                ok = self.store.publish(path, rollout_file_for(groups[:k], node_id=self.node_id, round_=round_).to_json()) and ok
+            return ok
+        return self.store.publish(path, rollout_file_for(groups, node_id=self.node_id, round_=round_).to_json())
+
+
+def peer_files_present(store: SharedStore, layout: ExperimentLayout, round_: int, own_id: str) -> set[str]:
+    """Node ids (not ours) with a rollout file for ``round_`` (names only; nothing is read)."""
+    names = set()
+    for path in store.list_json(layout.rollouts_dir(round_, STAGE)):
+        if path.stem != own_id:
+            names.add(path.stem)
+    return names
+
+
+def fetch_shared_groups(store: SharedStore, layout: ExperimentLayout, round_: int, own_id: str,
+                        max_peers: int) -> tuple[list[SharedGroup], int]:
+    """Every valid peer group of ``round_`` and the number of files skipped as invalid.
+
+    Each file is checked by SharedStore.read_as + RolloutFile.from_json: size cap, no symlinks, JSON
+    depth, schema, finite numbers, and a peer id / round / stage matching the file's path.
+    """
+    groups: list[SharedGroup] = []
+    rejected = 0
+    paths = sorted(p for p in store.list_json(layout.rollouts_dir(round_, STAGE)) if p.stem != own_id)
+    for path in paths[:max_peers]:
+        file = store.read_as(path, RolloutFile.from_json, expect_round=round_, expect_stage=STAGE,
+                             expect_node=path.stem)
+        if file is None:
+            rejected += 1
+            continue
+        groups.extend(shared_groups_from(file))
+    return groups, rejected

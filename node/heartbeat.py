@@ -1,0 +1,163 @@
+"""Liveness and progress of one node, on LOCAL disk, for the supervisor.
+
+A background thread rewrites ``<runtime_dir>/<node_id>.heartbeat.json`` every interval. The main loop
+bumps a progress counter at every phase boundary (``beat.progress("generate")``). The supervisor reads
+both: a stale ``heartbeat_at`` means the process is frozen (SIGSTOP, D-state); a stale ``progress_at``
+with a fresh heartbeat means the main loop is stuck. Either way the node is hung.
+
+Heartbeats live on local disk, not in the shared directory: when a Drive mount drops out, a worker keeps
+training on local data and must not look hung to its supervisor. (Peers learn about each other from
+``peers/<node>.json`` in the shared directory, written best-effort by the node loop.)
+
+No torch here: the supervisor imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RUNTIME_DIR_ENV = "SWARM_RUNTIME_DIR"
+HEARTBEAT_SUFFIX = ".heartbeat.json"
+MAX_HEARTBEAT_BYTES = 64 * 1024
+
+
+def default_runtime_dir(experiment_dir: Path) -> Path:
+    """A local per-experiment directory for heartbeats, the supervisor's lock and status.
+
+    ``$SWARM_RUNTIME_DIR`` wins; otherwise ``~/.cache/sapo-swarm/run/<name>-<hash of the absolute path>``.
+    """
+    if os.environ.get(RUNTIME_DIR_ENV):
+        return Path(os.environ[RUNTIME_DIR_ENV])
+    absolute = Path(experiment_dir).expanduser().absolute()
+    digest = hashlib.sha1(str(absolute).encode()).hexdigest()[:10]
+    return Path.home() / ".cache" / "sapo-swarm" / "run" / f"{absolute.name}-{digest}"
+
+
+def heartbeat_path(runtime_dir: Path, node_id: str) -> Path:
+    """Where ``node_id`` writes its heartbeat."""
+    return Path(runtime_dir) / f"{node_id}{HEARTBEAT_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class HeartbeatRecord:
+    """What one heartbeat says. Times are wall-clock seconds (time.time())."""
+
+    node_id: str
+    role: str
+    pid: int
+    heartbeat_at: float
+    progress: int
+    progress_at: float
+    phase: str
+    round: int
+    status: str  # starting | running | finished | stopping
+
+    def to_json(self) -> dict:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj) -> "HeartbeatRecord":
+        """Parse and type-check a heartbeat (ValueError on anything unexpected)."""
+        if not isinstance(obj, dict):
+            raise ValueError("heartbeat is not an object")
+        fields = {
+            "node_id": str, "role": str, "pid": int, "heartbeat_at": float, "progress": int,
+            "progress_at": float, "phase": str, "round": int, "status": str,
+        }
+        out = {}
+        for key, tp in fields.items():
+            value = obj.get(key)
+            if tp is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, tp) or isinstance(value, bool):
+                raise ValueError(f"heartbeat field {key!r} must be {tp.__name__}")
+            out[key] = value
+        return cls(**out)
+
+
+def read_heartbeat(path: Path) -> HeartbeatRecord | None:
+    """The latest heartbeat at ``path``, or None when absent or unreadable (a half-written file)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_HEARTBEAT_BYTES + 1)
+        if len(data) > MAX_HEARTBEAT_BYTES:
+            return None
+        return HeartbeatRecord.from_json(json.loads(data))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)  # no fsync: a heartbeat lost in a power cut is harmless
+
+
+class Heartbeat:
+    """The node side: a daemon thread writing heartbeats; ``progress()`` called from the main loop."""
+
+    def __init__(self, runtime_dir: Path, node_id: str, role: str, interval_s: float, *, clock=time.time):
+        self.path = heartbeat_path(runtime_dir, node_id)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.node_id, self.role, self.interval_s, self.clock = node_id, role, interval_s, clock
+        self._lock = threading.Lock()
+        now = clock()
+        self._progress, self._progress_at, self._phase = 0, now, "start"
+        self._round, self._status = -1, "starting"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def progress(self, phase: str, *, round_: int | None = None, status: str | None = None) -> None:
+        """The main loop moved on: bump the counter (and optionally the round and status)."""
+        with self._lock:
+            self._progress += 1
+            self._progress_at = self.clock()
+            self._phase = phase
+            if round_ is not None:
+                self._round = round_
+            if status is not None:
+                self._status = status
+        self.write()
+
+    def record(self) -> HeartbeatRecord:
+        """The heartbeat as of now."""
+        with self._lock:
+            return HeartbeatRecord(
+                node_id=self.node_id, role=self.role, pid=os.getpid(), heartbeat_at=self.clock(),
+                progress=self._progress, progress_at=self._progress_at, phase=self._phase,
+                round=self._round, status=self._status,
+            )
+
+    def write(self) -> None:
+        """Write one heartbeat now (errors are ignored: the next beat retries)."""
+        try:
+            _write_atomic(self.path, json.dumps(self.record().to_json()))
+        except OSError:
+            pass
+
+    def start(self) -> "Heartbeat":
+        """Start the background thread (idempotent)."""
+        if self._thread is None:
+            self.write()
+            self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.node_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread and write a last heartbeat."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval_s + 1)
+        self.write()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.write()

@@ -1,0 +1,138 @@
+"""What both node roles share: stop signals, the experiment's config snapshot, peer registration."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import structlog
+
+from node.config import ExperimentConfig
+from node.layout import ExperimentLayout
+from node.schemas import ConfigSnapshot, PeerRecord
+from node.storage import SharedStore
+from sapo.config import ConfigError
+
+log = structlog.get_logger(__name__)
+
+EXIT_FINISHED = 0
+EXIT_FAILED = 1
+EXIT_CONFIG_ERROR = 2
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after checkpointing
+
+# Fields that must agree across every node of an experiment: they shape what is exchanged.
+IDENTITY_FIELDS = (
+    ("model", "name"), ("experiment", "seed"),
+    ("sapo", "num_train_samples"), ("sapo", "num_transplant_trees"), ("sapo", "num_generations"),
+    ("sapo", "max_new_tokens"), ("sapo", "max_prompt_tokens"), ("sapo", "tasks"),
+)
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived; raised at the next safe point of a loop."""
+
+
+class StopFlag:
+    """Signal handlers only record; loops call ``check()`` between phases."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> "StopFlag":
+        """Handle SIGTERM and SIGINT in this (main) thread."""
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        """A stop was asked for."""
+        return self.signum is not None
+
+    def check(self) -> None:
+        """Raise StopRequested if a stop was asked for."""
+        if self.signum is not None:
+            raise StopRequested(signal.Signals(self.signum).name)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep in small steps, raising StopRequested as soon as a stop is asked for."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+
+
+def _identity(config_dict: dict) -> dict:
+    return {f"{a}.{b}": config_dict.get(a, {}).get(b) for a, b in IDENTITY_FIELDS}
+
+
+def ensure_config_snapshot(store: SharedStore, layout: ExperimentLayout, config: ExperimentConfig, node_id: str) -> None:
+    """Write ``state/config.json`` if this is the experiment's first node; else check ours agrees.
+
+    A node whose I/J/G, model, seed or task mix differs from the experiment's refuses to start
+    (ConfigError, exit code 2) instead of exchanging rollouts its peers cannot use.
+    """
+    mine = config.to_dict()
+    with store.lock("config-snapshot"):
+        existing = store.read_as(layout.config_file(), ConfigSnapshot.from_json, raise_unreachable=True,
+                                 expect_experiment=config.experiment.name)
+        if existing is None:
+            snapshot = ConfigSnapshot(experiment=config.experiment.name, written_by=node_id,
+                                      written_at=time.time(), config=mine)
+            store.write_json_atomic(layout.config_file(), snapshot.to_json(), retries=True)
+            return
+    theirs, ours = _identity(dict(existing.config)), _identity(mine)
+    diffs = [f"{k}: experiment has {theirs[k]!r}, this node has {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
+    if diffs:
+        raise ConfigError(
+            diffs[0].split(":")[0],
+            f"does not match experiment {config.experiment.name!r} (state/config.json, written by "
+            f"{existing.written_by}): " + "; ".join(diffs) + ". Use a new experiment name to change these.",
+        )
+
+
+class PeerRegistration:
+    """Our ``peers/<node>.json``: written at start and at phase boundaries, at most once per interval."""
+
+    def __init__(self, store: SharedStore, layout: ExperimentLayout, node_id: str, role: str, interval_s: float):
+        self.store, self.path, self.interval_s = store, layout.peer_file(node_id), interval_s
+        self.node_id, self.role = node_id, role
+        self.started_at = time.time()
+        self.progress = 0
+        self.last_write = 0.0
+
+    def update(self, *, round_: int, status: str, force: bool = False) -> None:
+        """Refresh the record (best effort: a failed write is retried at the next update)."""
+        self.progress += 1
+        now = time.time()
+        if not force and now - self.last_write < self.interval_s:
+            return
+        record = PeerRecord(node_id=self.node_id, role=self.role, pid=os.getpid(), host=socket.gethostname()[:64],
+                            started_at=self.started_at, heartbeat_at=now, round=max(round_, 0),
+                            progress=self.progress, status=status)
+        try:
+            self.store.write_json_atomic(self.path, record.to_json())
+            self.last_write = now
+        except OSError as err:
+            log.warning("peer_record_write_failed", error=str(err))
+
+
+def live_workers(store: SharedStore, layout: ExperimentLayout, timeout_s: float, *, now: float | None = None) -> dict[str, PeerRecord]:
+    """Workers whose peer record is younger than ``timeout_s`` and not finished."""
+    now = time.time() if now is None else now
+    out = {}
+    for path in store.list_json(layout.peers_dir()):
+        record = store.read_as(path, PeerRecord.from_json, expect_node=path.stem)
+        if record is None or record.role != "worker" or record.status == "finished":
+            continue
+        if now - record.heartbeat_at <= timeout_s:
+            out[record.node_id] = record
+    return out

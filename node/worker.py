@@ -1,0 +1,216 @@
+"""The worker loop: one SAPO round per coordinator round (DESIGN.md §4).
+
+    wait for the coordinator's round r
+    sample I questions -> generate G each -> publish -> wait (bounded) for live peers' files of round r
+    -> fetch + validate -> pick J external groups (re-scored locally) -> GRPO step
+    -> round result + metrics line -> checkpoint every K rounds
+
+If the coordinator moved on while we were busy, we join the newest round and log the skipped ones.
+SIGTERM/SIGINT: finish nothing more, checkpoint the last completed round, exit 143.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+
+import structlog
+import torch
+
+from node.checkpoint import load_latest_checkpoint, save_checkpoint
+from node.config import ExperimentConfig
+from node.exchange import STAGE, Publisher, fetch_shared_groups, peer_files_present
+from node.heartbeat import Heartbeat
+from node.layout import ExperimentLayout
+from node.logs import bind
+from node.records import RunRecords
+from node.runtime import EXIT_FINISHED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested, live_workers
+from node.schemas import RoundResult, RoundState
+from node.storage import SharedStore
+from sapo.learner import SapoLearner, mean_reward
+
+log = structlog.get_logger(__name__)
+
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from (experiment seed, node id, round, purpose): stable across runs and restarts."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class Worker:
+    """One training node."""
+
+    def __init__(self, config: ExperimentConfig, node_id: str, *, store: SharedStore, layout: ExperimentLayout,
+                 learner: SapoLearner, heartbeat: Heartbeat, stop: StopFlag, peer: PeerRegistration):
+        self.config, self.node_id, self.store, self.layout = config, node_id, store, layout
+        self.learner, self.heartbeat, self.stop, self.peer = learner, heartbeat, stop, peer
+        self.publisher = Publisher(store, layout, node_id, config.exchange.publish_frequency)
+        self.records = RunRecords(store, layout, node_id)
+        self.last_done = -1  # the last round whose training step is in the weights
+        self.last_checkpoint = -1
+
+    # --- start and stop -----------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the newest good checkpoint, if any."""
+        params = sum(p.numel() * p.element_size() for p in self.learner.model.parameters())
+        restored = load_latest_checkpoint(self.store, self.layout, self.node_id, self.learner.model,
+                                          self.learner.optimizer, max_bytes=4 * params + (64 << 20))
+        if restored is not None:
+            self.last_done = self.last_checkpoint = restored.round
+            self.records.event("resumed", round=restored.round)
+        else:
+            self.records.event("started")
+
+    def checkpoint(self) -> None:
+        """Checkpoint the last completed round (once)."""
+        if self.last_done < 0 or self.last_checkpoint == self.last_done:
+            return
+        ok = save_checkpoint(self.store, self.layout, self.node_id, self.last_done, self.learner.model,
+                             self.learner.optimizer, keep_last=self.config.checkpoint.keep_last)
+        if ok:
+            self.last_checkpoint = self.last_done
+            self.records.event("checkpoint", round=self.last_done)
+
+    def run(self) -> int:
+        """Train until the coordinator's final state; returns the process exit code."""
+        try:
+            self.resume()
+            while True:
+                state = self.wait_for_round()
+                if state.finished:
+                    self.checkpoint()
+                    self.records.event("finished", round=self.last_done)
+                    self.peer.update(round_=self.last_done, status="finished", force=True)
+                    self.heartbeat.progress("finished", status="finished")
+                    log.info("experiment_finished", last_round=self.last_done)
+                    return EXIT_FINISHED
+                if state.round > self.last_done + 1:
+                    skipped = list(range(self.last_done + 1, state.round))
+                    self.records.event("rounds_skipped", rounds=skipped, joined=state.round)
+                    log.warning("rounds_skipped", rounds=skipped, joined=state.round)
+                self.run_round(state.round)
+                self.last_done = state.round
+                if (state.round + 1) % self.config.checkpoint.every_rounds == 0:
+                    self.checkpoint()
+        except StopRequested as stop:
+            log.info("worker_stopping", signal=str(stop), last_round=self.last_done)
+            self.heartbeat.progress("stopping", status="stopping")
+            self.checkpoint()
+            self.records.event("stopped", signal=str(stop), round=self.last_done)
+            self.peer.update(round_=self.last_done, status="stopping", force=True)
+            return EXIT_STOPPED
+
+    def read_state(self) -> RoundState | None:
+        """The coordinator's state, or None while it is absent or unreadable."""
+        return self.store.read_as(self.layout.state_file(), RoundState.from_json,
+                                  expect_experiment=self.config.experiment.name)
+
+    def wait_for_round(self) -> RoundState:
+        """Block until the coordinator's round is one we have not trained yet, or the run is over."""
+        poll = self.config.coordinator.poll_interval_s
+        while True:
+            self.stop.check()
+            state = self.read_state()
+            if state is not None and (state.finished or state.round > self.last_done):
+                return state
+            self.heartbeat.progress("waiting_for_round", round_=self.last_done)
+            self.peer.update(round_=max(self.last_done, 0), status="running")
+            self.store.flush_spool(attempts=1)
+            self.stop.sleep(poll)
+
+    # --- one round ----------------------------------------------------------------------------------
+    def run_round(self, round_: int) -> dict:
+        """Train one round; returns its metrics line."""
+        cfg, learner = self.config, self.learner
+        seed = cfg.experiment.seed
+        bind(round=round_)
+        self.peer.update(round_=round_, status="running", force=True)
+        timings = {}
+        t_round = time.perf_counter()
+
+        self.heartbeat.progress("generate", round_=round_, status="running")
+        t = time.perf_counter()
+        questions = learner.sample_questions(self.node_id, round_)
+        timings["sample_s"] = time.perf_counter() - t
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        local, gen = learner.generate(questions, seed=derived_seed(seed, self.node_id, round_, "sample"),
+                                      source=self.node_id)
+        timings["generate_s"], timings["score_s"] = gen.generate_s, gen.score_s
+        self.stop.check()
+
+        self.heartbeat.progress("publish", round_=round_)
+        t = time.perf_counter()
+        published = self.publisher.publish(local, round_)
+        timings["publish_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.wait_for_peers(round_)
+        timings["wait_s"] = time.perf_counter() - t
+
+        self.heartbeat.progress("fetch", round_=round_)
+        t = time.perf_counter()
+        shared, rejected = ([], 0)
+        if cfg.sapo.num_transplant_trees > 0:
+            shared, rejected = fetch_shared_groups(self.store, self.layout, round_, self.node_id,
+                                                   cfg.exchange.fetch_max_peers)
+        timings["fetch_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rng = random.Random(derived_seed(seed, self.node_id, round_, "external"))
+        selection = learner.select_external(shared, self.node_id, rng)
+        timings["select_s"] = time.perf_counter() - t
+        self.stop.check()
+
+        self.heartbeat.progress("train", round_=round_)
+        stats = learner.train(local + selection.groups)
+        timings["train_s"] = stats.seconds
+        timings["round_s"] = time.perf_counter() - t_round
+
+        result = RoundResult(node_id=self.node_id, round=round_, stage=STAGE, mean_reward=mean_reward(local),
+                             num_local_groups=len(local), num_external_groups=len(selection.groups),
+                             submitted_at=time.time())
+        self.store.publish(self.layout.reward_file(round_, STAGE, self.node_id), result.to_json())
+        metrics = {
+            "reward_local": mean_reward(local),
+            "reward_external": mean_reward(selection.groups) if selection.groups else None,
+            "num_local_groups": len(local),
+            "num_external_groups": len(selection.groups),
+            "external_candidates": selection.candidates,
+            "external_dropped": dict(selection.dropped),
+            "peer_reward_disagreements": selection.reward_disagreements,
+            "peer_files_rejected": rejected,
+            "published": published,
+            "loss": stats.loss, "pg_loss": stats.pg_loss, "kl": stats.kl, "clip_fraction": stats.clip_fraction,
+            "grad_norm": stats.grad_norm, "optimizer_steps": stats.optimizer_steps, "skipped_step": stats.skipped,
+            "micro_batch_size": stats.micro_batch_size,
+            "tokens_generated": gen.generated_tokens, "tokens_prompt": gen.prompt_tokens,
+            "tokens_trained": stats.completion_tokens,
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+        }
+        if torch.cuda.is_available():
+            metrics["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+        self.records.metrics(round_, metrics)
+        log.info("round_done", reward_local=round(metrics["reward_local"], 4),
+                 external=len(selection.groups), seconds=round(timings["round_s"], 3))
+        return metrics
+
+    def wait_for_peers(self, round_: int) -> None:
+        """Wait, bounded, until every live peer published round ``round_`` (or the round moved on)."""
+        cfg = self.config
+        if cfg.sapo.num_transplant_trees == 0:
+            return
+        deadline = time.monotonic() + cfg.exchange.fetch_timeout_s
+        while time.monotonic() < deadline:
+            live = set(live_workers(self.store, self.layout, cfg.supervisor.heartbeat_timeout_s)) - {self.node_id}
+            present = peer_files_present(self.store, self.layout, round_, self.node_id)
+            if live <= present:
+                return
+            state = self.read_state()
+            if state is not None and (state.finished or state.round > round_):
+                return
+            self.heartbeat.progress("waiting_for_peers", round_=round_)
+            self.peer.update(round_=round_, status="running")
+            self.stop.sleep(min(0.25, cfg.coordinator.poll_interval_s))
+        log.info("peer_wait_timed_out", round=round_)
