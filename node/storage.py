@@ -735,6 +735,9 @@ class SharedStore:
                 continue
             if stat.S_ISREG(st.st_mode):
                 out.append(p)
+            else:  # a symlink (maybe pointing out of the experiment) or a device/fifo: never opened
+                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                self._warn_once(p, (st.st_ino, st.st_mtime_ns), "peer_file_rejected", reason=kind)
         return out
 
     def lstat(self, path: Path | str, *, raise_unreachable: bool = False) -> os.stat_result | None:

@@ -16,6 +16,8 @@ from node.layout import ExperimentLayout
 from node.schemas import PeerRecord, Rollout, RolloutFile, RoundResult, TaskRef
 from node.storage import RealFS, SharedStore, TRANSIENT_ERRNOS, parse_json_bytes, retry
 
+from fakes import FlakyFS
+
 
 def make_rollout_file(peer="worker_1", rnd=5, stage=0, groups=2, g=4) -> RolloutFile:
     rollouts = {}
@@ -24,57 +26,6 @@ def make_rollout_file(peer="worker_1", rnd=5, stage=0, groups=2, g=4) -> Rollout
         rollouts[str(b)] = [Rollout(prompt=f"Q{b}: 2+{b}?", response=f"answer {i}", reward=float(i % 2),
                                     finished=True, task=task) for i in range(g)]
     return RolloutFile(peer_id=peer, round=rnd, stage=stage, timestamp=1.7e9, rollouts=rollouts)
-
-
-class FlakyFS(RealFS):
-    """RealFS whose calls fail on demand: ``fail(op, errno, times)`` (times=None: until ``heal()``), or
-    ``down(errno)`` for every call, as a disconnected Drive mount does."""
-
-    OPS = ("open", "read", "write", "fsync", "close", "fstat", "ftruncate", "lstat", "stat", "replace", "listdir",
-           "unlink", "rmdir", "makedirs")
-
-    def __init__(self):
-        self.rules: dict[str, list] = {}
-        self.all_down: int | None = None
-        self.calls: dict[str, int] = {}
-
-    def fail(self, op: str, err: int, times: int | None = None) -> None:
-        self.rules[op] = [err, times]
-
-    def down(self, err: int = errno.ENOTCONN) -> None:
-        self.all_down = err
-
-    def heal(self) -> None:
-        self.rules.clear()
-        self.all_down = None
-
-    def _check(self, op: str) -> None:
-        self.calls[op] = self.calls.get(op, 0) + 1
-        if self.all_down is not None and op != "close":
-            raise OSError(self.all_down, os.strerror(self.all_down))
-        rule = self.rules.get(op)
-        if rule is not None:
-            err, times = rule
-            if times is not None:
-                if times <= 0:
-                    return
-                rule[1] = times - 1
-            raise OSError(err, os.strerror(err))
-
-
-def _flaky(name):
-    real = getattr(RealFS, name)
-
-    def method(self, *args, **kwargs):
-        self._check(name)
-        return real(self, *args, **kwargs)
-
-    method.__name__ = name
-    return method
-
-
-for _op in FlakyFS.OPS:
-    setattr(FlakyFS, _op, _flaky(_op))
 
 
 class RecordingRng:

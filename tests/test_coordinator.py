@@ -1,0 +1,90 @@
+"""The coordinator's round clock: strategies, liveness, resume without going back, the final state."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from node.config import resolve_config
+from node.coordinator import Coordinator, decide_advance
+from node.heartbeat import Heartbeat
+from node.layout import ExperimentLayout
+from node.runtime import StopFlag
+from node.schemas import PeerRecord, RoundResult, RoundState
+from node.storage import SharedStore
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke-cpu.yaml"
+
+
+def test_strategies():
+    kw = dict(interval_s=60, timeout_s=120)
+    assert decide_advance("time", elapsed_s=61, live={"a"}, submitted=set(), **kw) == "interval"
+    assert decide_advance("time", elapsed_s=10, live=set(), submitted={"a"}, **kw) is None
+    assert decide_advance("completion", elapsed_s=1, live={"a", "b"}, submitted={"a", "b"}, **kw)
+    assert decide_advance("completion", elapsed_s=999, live={"a", "b"}, submitted={"a"}, **kw) is None
+    assert decide_advance("completion", elapsed_s=999, live=set(), submitted=set(), **kw) is None
+    assert decide_advance("hybrid", elapsed_s=5, live={"a", "b"}, submitted={"a"}, **kw) is None
+    assert decide_advance("hybrid", elapsed_s=121, live={"a", "b"}, submitted={"a"}, **kw) == "round_timeout"
+    # a dead worker (no longer live) does not stall the round
+    assert decide_advance("hybrid", elapsed_s=5, live={"a"}, submitted={"a"}, **kw) == "all_live_workers_submitted"
+
+
+def _coordinator(tmp_path, *overrides):
+    config = resolve_config(CONFIG, environ={}, overrides=[f"experiment.root={tmp_path}", *overrides])
+    layout = ExperimentLayout.from_config(config)
+    store = SharedStore(layout, node_id="coordinator", lock_dir=tmp_path / "locks", spool_dir=tmp_path / "spool")
+    store.ensure_layout()
+    beat = Heartbeat(tmp_path / "run", "coordinator", "coordinator", 1.0)
+    return Coordinator(config, "coordinator", store=store, layout=layout, heartbeat=beat, stop=StopFlag())
+
+
+def _register(c: Coordinator, node: str, age_s: float = 0.0):
+    now = time.time()
+    record = PeerRecord(node_id=node, role="worker", pid=1, host="h", started_at=now - 100,
+                        heartbeat_at=now - age_s, round=0, progress=1, status="running")
+    c.store.write_json_atomic(c.layout.peer_file(node), record.to_json())
+
+
+def _submit(c: Coordinator, node: str, round_: int):
+    result = RoundResult(node_id=node, round=round_, stage=0, mean_reward=0.5, num_local_groups=2,
+                         num_external_groups=2, submitted_at=time.time())
+    c.store.write_json_atomic(c.layout.reward_file(round_, 0, node), result.to_json())
+
+
+def test_completion_ignores_dead_workers_and_forged_results(tmp_path):
+    c = _coordinator(tmp_path)
+    _register(c, "worker_1")
+    _register(c, "worker_2", age_s=10_000)  # its heartbeat is far older than the timeout: dead
+    state = RoundState(experiment="smoke-cpu", round=0, stage=0, started_at=time.time(), updated_at=time.time(),
+                       finished=False, max_rounds=3)
+    bogus = c.layout.reward_file(0, 0, "worker_1")
+    bogus.parent.mkdir(parents=True, exist_ok=True)
+    bogus.write_text(json.dumps({"schema_version": 1, "node_id": "worker_9", "round": 0}))  # not worker_1's
+    assert c.tick(state).round == 0
+    _submit(c, "worker_1", 0)
+    assert c.tick(state).round == 1
+
+
+def test_resume_never_goes_back_and_final_state(tmp_path):
+    c = _coordinator(tmp_path)
+    _register(c, "worker_1")
+    state = RoundState(experiment="smoke-cpu", round=2, stage=0, started_at=time.time(), updated_at=time.time(),
+                       finished=False, max_rounds=3)
+    c.write_state(state)
+    restarted = _coordinator(tmp_path)
+    loaded = restarted.load_state()
+    assert loaded.round == 2
+    _submit(restarted, "worker_1", 2)
+    final = restarted.tick(loaded)
+    assert final.finished and final.round == 3
+    on_disk = json.loads(c.layout.state_file().read_text())
+    assert on_disk["finished"] is True and on_disk["round"] == 3
+    assert _coordinator(tmp_path).run() == 0  # a coordinator started after the end exits at once
+
+
+def test_time_strategy_advances_without_submissions(tmp_path):
+    c = _coordinator(tmp_path, "coordinator.strategy=time", "coordinator.round_interval_s=0.01")
+    state = RoundState(experiment="smoke-cpu", round=0, stage=0, started_at=time.time() - 1, updated_at=time.time(),
+                       finished=False, max_rounds=3)
+    assert c.tick(state).round == 1
