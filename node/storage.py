@@ -593,20 +593,7 @@ class SharedStore:
         transient error that outlived the retries. With ``raise_unreachable`` that last case raises the
         OSError instead, for callers to whom "missing" and "cannot tell" differ (a coordinator resuming
         from the state file must not restart at round 0 because the mount was away)."""
-        try:
-            obj, _ = self._read_json_checked(path, max_bytes)
-        except FileNotFoundError:
-            return None
-        except Unreachable as bad:
-            if raise_unreachable:
-                raise bad.error from None
-            self._warn_once(path, bad.signature, "peer_file_rejected", reason=bad.reason)
-            return None
-        except BadFile as bad:
-            self._warn_once(path, bad.signature, "peer_file_rejected", reason=bad.reason)
-            return None
-        self._clear_warning(path)
-        return obj
+        return self.read_as(path, lambda obj: obj, max_bytes=max_bytes, raise_unreachable=raise_unreachable)
 
     def read_as(self, path: Path | str, parse: Callable[..., T], *, max_bytes: int | None = None,
                 raise_unreachable: bool = False, **expect) -> T | None:
