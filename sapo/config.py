@@ -166,7 +166,8 @@ def from_mapping(cls: type[T], data: Any, path: str = "") -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
-        sub = f"{path}.{key}" if path else str(key)
+        name = key if isinstance(key, str) and key else repr(key)  # an empty or non-string key still gets a name
+        sub = f"{path}.{name}" if path else name
         if key not in names:
             raise ConfigError(sub, f"unknown key; allowed keys: {', '.join(names)}")
         kwargs[key] = _convert(value, hints[key], sub)

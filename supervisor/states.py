@@ -34,6 +34,7 @@ class NodeState(str, Enum):
               STOPPING ─killed─▶ BACKOFF           (a hung node killed to be restarted)
               BACKOFF ──stop──▶ STOPPED            (stop requested while waiting)
               STARTING, RUNNING, STOPPING ─▶ FATAL (gave up as it exited)
+              STOPPED, BACKOFF ──▶ FATAL         (could not be spawned at all: a configuration error)
               EXITED, FATAL ──explicit restart──▶ STARTING
 
     Predecessors, the source of truth (:data:`ALLOWED`)::
@@ -41,7 +42,7 @@ class NodeState(str, Enum):
         STARTING ◀ STOPPED, BACKOFF, EXITED, FATAL     RUNNING  ◀ STARTING
         BACKOFF  ◀ STARTING, RUNNING, STOPPING         STOPPING ◀ STARTING, RUNNING
         STOPPED  ◀ STOPPING, BACKOFF                   EXITED   ◀ STARTING, RUNNING
-        FATAL    ◀ STARTING, RUNNING, STOPPING, BACKOFF
+        FATAL    ◀ STOPPED, STARTING, RUNNING, STOPPING, BACKOFF
 
     STOPPED: not running, not wanted (initial, or after a requested stop).
     STARTING: spawned, no heartbeat yet. RUNNING: heartbeating.
@@ -80,7 +81,7 @@ ALLOWED: dict[NodeState, frozenset[NodeState]] = {
     S.STOPPING: frozenset({S.STARTING, S.RUNNING}),
     S.STOPPED: frozenset({S.STOPPING, S.BACKOFF}),
     S.EXITED: frozenset({S.STARTING, S.RUNNING}),
-    S.FATAL: frozenset({S.STARTING, S.RUNNING, S.STOPPING, S.BACKOFF}),
+    S.FATAL: frozenset({S.STOPPED, S.STARTING, S.RUNNING, S.STOPPING, S.BACKOFF}),
 }
 
 EXIT_REASONS: tuple[str, ...] = (
@@ -91,7 +92,7 @@ EXIT_REASONS: tuple[str, ...] = (
     "transport_disconnected",  # "Transport endpoint is not connected" (a dropped FUSE/Drive mount)
     "hung",  # no heartbeat for heartbeat_timeout_s: the supervisor killed it
     "stopped",  # the supervisor asked it to stop
-    "config_error",  # could not be spawned at all (missing executable, bad cwd, ...)
+    "config_error",  # could not be spawned at all (missing executable, bad cwd, ...), or exit code 2
 )
 
 
