@@ -22,8 +22,9 @@ from node.config import plain_name_problem, resolve_config
 from node.heartbeat import Heartbeat, default_runtime_dir
 from node.layout import ExperimentLayout
 from node.logs import bind, configure_logging
-from node.runtime import EXIT_CONFIG_ERROR, EXIT_FAILED, PeerRegistration, StopFlag, ensure_config_snapshot
-from node.storage import SharedStore
+from node.runtime import (EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested,
+                          ensure_config_snapshot)
+from node.storage import SharedStore, is_transient
 from sapo.config import ConfigError
 
 log = structlog.get_logger("node")
@@ -95,8 +96,7 @@ def main(argv=None) -> int:
     store = SharedStore.from_config(config, node_id=node_id)
     heartbeat = Heartbeat(runtime_dir, node_id, role, config.supervisor.heartbeat_interval_s)
     try:
-        store.ensure_layout()
-        ensure_config_snapshot(store, layout, config, node_id)
+        join_experiment(store, layout, config, node_id, stop)
         log.info("node_starting", experiment=str(config.experiment_dir), model=config.model.name)
         if role == "coordinator":
             from node.coordinator import Coordinator
@@ -104,6 +104,9 @@ def main(argv=None) -> int:
             heartbeat.start()
             return Coordinator(config, node_id, store=store, layout=layout, heartbeat=heartbeat, stop=stop).run()
         return run_worker(config, node_id, store=store, layout=layout, heartbeat=heartbeat, stop=stop)
+    except StopRequested:
+        log.info("node_stopped_before_start")
+        return EXIT_STOPPED
     except ConfigError as err:
         log.error("configuration_error", error=str(err))
         print(f"configuration error: {err}", file=sys.stderr)
@@ -113,6 +116,24 @@ def main(argv=None) -> int:
         raise
     finally:
         heartbeat.stop()
+
+
+def join_experiment(store, layout, config, node_id: str, stop: StopFlag, *, retry_s: float = 5.0) -> None:
+    """Create the layout and check our config against the experiment's, waiting out a mount that is away.
+
+    A Drive outage at start-up is not a configuration error: keep trying (the supervisor's start-up
+    timeout bounds the wait) instead of crashing into a restart loop.
+    """
+    while True:
+        try:
+            store.ensure_layout()
+            ensure_config_snapshot(store, layout, config, node_id)
+            return
+        except OSError as err:
+            if not is_transient(err):
+                raise
+            log.warning("shared_dir_unreachable", error=str(err))
+            stop.sleep(retry_s)
 
 
 def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:

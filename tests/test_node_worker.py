@@ -190,3 +190,18 @@ def test_node_with_different_ijg_refuses_to_join(tmp_path):
     with pytest.raises(ConfigError, match="num_generations"):
         ensure_config_snapshot(first.store, first.layout, other, "worker_2")
     ensure_config_snapshot(first.store, first.layout, _config(tmp_path, "sapo.learning_rate=0.5"), "worker_2")
+
+
+def test_joining_waits_out_a_mount_that_is_away_at_start(tmp_path):
+    from node.__main__ import join_experiment
+
+    fs = FlakyFS()
+    config = _config(tmp_path)
+    layout = ExperimentLayout.from_config(config)
+    store = SharedStore(layout, node_id="worker_1", lock_dir=tmp_path / "locks", spool_dir=tmp_path / "spool",
+                        fs=fs, sleep=lambda s: None, retry_attempts=2)
+    fs.fail("makedirs", errno.ENOTCONN, times=5)  # outlives two rounds of the store's own retries
+    with capture_logs() as logs:
+        join_experiment(store, layout, config, "worker_1", StopFlag(), retry_s=0.01)
+    assert [e["event"] for e in logs].count("shared_dir_unreachable") >= 2
+    assert layout.config_file().is_file()
