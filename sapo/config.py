@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 
 # Models built in-process (no files, no downloads); sapo.tiny_model builds them.
-BUILTIN_MODELS = ("builtin:tiny-gpt2",)
+BUILTIN_MODELS = ("builtin:tiny-gpt2", "builtin:gpt2-124m")
 
 
 class ConfigError(ValueError):

@@ -1,10 +1,24 @@
-"""The built-in model ``builtin:tiny-gpt2``: a few-hundred-thousand-parameter GPT-2 and its tokenizer.
+"""The built-in models: ``builtin:tiny-gpt2`` (a few hundred thousand parameters) and ``builtin:gpt2-124m``.
 
 Built entirely in-process (no files, no downloads) so tests, CPU smoke runs and air-gapped machines
-always have a model. The tokenizer is a byte-level BPE trained on :data:`CORPUS`, a few KB of the kind
-of text reasoning-gym prompts contain (digits, arithmetic, ``<answer>`` tags, days, letters); being
-byte-level it still encodes any text, just less compactly. Everything here is deterministic: the same
-vocab in every process, the same weights for the same seed.
+always have a model. Everything here is deterministic: the same vocab in every process, the same weights
+for the same seed.
+
+``builtin:tiny-gpt2``: 2 layers, 2 heads, 64 wide; its tokenizer is a byte-level BPE of 512 tokens trained
+on :data:`CORPUS`, a few KB of the kind of text reasoning-gym prompts contain (digits, arithmetic,
+``<answer>`` tags, days, letters); being byte-level it still encodes any text, just less compactly.
+
+``builtin:gpt2-124m``: GPT-2 small's architecture (12 layers, 12 heads, 768 wide, 1024 positions, tied
+embeddings: 124,439,808 parameters) with random weights, so GPU throughput and memory can be measured
+without a download. Its tokenizer has GPT-2's vocabulary *size* (50257) but not GPT-2's vocabulary: it is
+a byte-level BPE trained on :data:`CORPUS` plus :func:`_filler_lines`, ~40k pseudo-random lowercase
+"words" that exist only to give the trainer enough distinct pairs to learn ~50k merges (training takes
+about 1.5 s on a 2-core CPU; the whole model about 5 s, most of it the random init of 124M weights).
+Most of its tokens are therefore meaningless letter strings; what matters for measurement matches GPT-2:
+the embedding and LM-head shapes, and a sampled token decodes to a few characters, as GPT-2's do. Should
+a ``tokenizers`` version learn fewer merges from that corpus, the vocabulary is padded with
+never-produced ``<|unused_N|>`` tokens up to 50257, so the embedding always has 50257 rows and every id
+decodes to some text.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from sapo.config import BUILTIN_MODELS
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's name; also the bos token
 PAD_TOKEN = "<|pad|>"  # distinct from eos so masks built from pad never hide a real eos
 VOCAB_SIZE = 512
+GPT2_VOCAB_SIZE = 50257  # GPT-2's vocabulary size (50000 merges + 256 bytes + <|endoftext|>)
 MODEL_MAX_LENGTH = 1024
 
 _PROSE = """\
@@ -65,32 +80,65 @@ def _arithmetic_lines() -> list[str]:
 
 CORPUS: tuple[str, ...] = tuple(_PROSE.splitlines()) + tuple(_arithmetic_lines())
 
+# Filler for the 50257-token vocabulary: lines x words of pseudo-random lowercase letters.
+_FILLER_LINES, _FILLER_WORDS_PER_LINE = 4000, 10
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
-    """Train the BPE once per process; the JSON string is immutable, so sharing it is safe."""
+
+def _filler_lines(count: int = _FILLER_LINES) -> list[str]:
+    """Deterministic pseudo-random lowercase words (3-9 letters): enough distinct pairs for ~50k merges.
+
+    A tiny linear congruential generator rather than ``random.Random`` so the text can never change with
+    the Python version.
+    """
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    state = 20250911
+    lines = []
+    for _ in range(count):
+        words = []
+        for _ in range(_FILLER_WORDS_PER_LINE):
+            state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
+            length = 3 + (state >> 33) % 7
+            chars = []
+            for _ in range(length):
+                state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
+                chars.append(letters[(state >> 33) % 26])
+            words.append("".join(chars))
+        lines.append(" ".join(words))
+    return lines
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_json(vocab_size: int = VOCAB_SIZE) -> str:
+    """Train the BPE once per process and size; the JSON string is immutable, so sharing it is safe."""
     tok = Tokenizer(models.BPE())
     # GPT-2's byte-level scheme: every byte has a token, so any text round-trips.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN, PAD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    corpus = CORPUS if vocab_size <= VOCAB_SIZE else CORPUS + tuple(_filler_lines())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    missing = vocab_size - tok.get_vocab_size()
+    if vocab_size > VOCAB_SIZE and missing > 0:
+        # Never produced by the BPE; only here so that the embedding has exactly ``vocab_size`` rows.
+        tok.add_tokens([f"<|unused_{i}|>" for i in range(missing)])
     return tok.to_str()
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh byte-level BPE tokenizer (about 512 tokens) with ``<|endoftext|>`` as bos/eos and ``<|pad|>``.
+def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A fresh byte-level BPE tokenizer with ``<|endoftext|>`` as bos/eos and ``<|pad|>``.
 
-    Each call returns a new object, so callers may change ``padding_side`` and the like freely.
+    ``vocab_size`` is :data:`VOCAB_SIZE` (512, the tiny model's; about 512 tokens) or
+    :data:`GPT2_VOCAB_SIZE` (exactly 50257, see the module docstring). Each call returns a new object, so
+    callers may change ``padding_side`` and the like freely.
     """
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
         bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
@@ -106,12 +154,13 @@ def build_tiny_gpt2(
     n_head: int = 2,
     n_embd: int = 64,
     n_positions: int = MODEL_MAX_LENGTH,
+    vocab_size: int = VOCAB_SIZE,
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
-    """A randomly initialised float32 GPT-2 sized to :func:`build_tokenizer`, and that tokenizer.
+    """A randomly initialised float32 GPT-2 sized to :func:`build_tokenizer` (``vocab_size``), and that tokenizer.
 
     The weights depend only on ``seed``; the caller's global torch RNG is left as it was.
     """
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocab_size)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=n_positions,
@@ -135,8 +184,16 @@ def build_tiny_gpt2(
     return model.float(), tokenizer
 
 
+def build_gpt2_124m(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """GPT-2 small's shape (12 layers, 12 heads, 768 wide, 1024 positions, vocab 50257), random float32
+    weights from ``seed``, and the 50257-token in-process tokenizer (not GPT-2's; see the module docstring)."""
+    return build_tiny_gpt2(seed, n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=GPT2_VOCAB_SIZE)
+
+
 def build_builtin(name: str, seed: int) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     """Build the built-in model ``name`` (one of :data:`sapo.config.BUILTIN_MODELS`) with weights from ``seed``."""
     if name == "builtin:tiny-gpt2":
         return build_tiny_gpt2(seed)
+    if name == "builtin:gpt2-124m":
+        return build_gpt2_124m(seed)
     raise ValueError(f"unknown built-in model {name!r}; allowed: {', '.join(BUILTIN_MODELS)}")

@@ -832,6 +832,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="User= of the service (default: you)")
     p.add_argument("--name-only", action="store_true", help="print only the unit's file name")
     p.set_defaults(func=cmd_systemd_unit)
+
+    from supervisor import report  # matplotlib is imported lazily, only when a report is drawn
+
+    p = sub.add_parser("report", help="plots and a cumulative-reward table comparing experiments",
+                       description=report.DESCRIPTION)
+    report.add_arguments(p)
+    p.set_defaults(func=report.run)
     return parser
 
 

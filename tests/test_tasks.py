@@ -363,3 +363,56 @@ def test_question_is_hashable_by_ref_and_text(bank):
     q = bank.sample(1, "n", 0, 1)[0]
     assert isinstance(q, Question)
     assert hash(q) == hash(bank.rebuild(q.ref))
+
+
+# -- toy_digits --------------------------------------------------------------------------------------
+
+
+def test_toy_digits_questions():
+    bank = TaskBank([TaskSpec("toy_digits")])
+    questions = bank.sample(0, "n", 0, 30)
+    assert len({q.text for q in questions}) > 10  # the example varies with the index
+    for q in questions:
+        assert q.text == f"Write a number with at least six digits, like {q.answer}."
+        assert len(q.answer) == 6 and q.answer.isdigit() and q.answer[0] != "0"
+        assert bank.rebuild(q.ref) == q
+        assert bank.score(q, q.answer) == 1.0  # the example itself is a correct answer
+    assert "toy_digits" in known_task_names()
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("482913", 1.0),
+        ("1313131313", 1.0),  # at least six digits
+        (" 123456 and more", 1.0),  # leading whitespace; the first word only
+        ("123456abc", 1.0),  # only the first six characters count
+        ("123", 3 / 6),
+        ("12a456", 5 / 6),
+        ("abcdef", 0.0),
+        ("12 3456", 2 / 6),  # the first word is "12"
+        ("x 123456", 0.0),
+        ("", 0.0),
+        ("   ", 0.0),
+        ("<answer>654321</answer>", 1.0),
+        ("999999 <answer>12</answer>", 2 / 6),  # a span wins over the first word
+        ("<answer> 77 88 </answer>", 2 / 6),  # the span's first word
+        ("٣٣٣٣٣٣", 0.0),  # ASCII digits only
+    ],
+)
+def test_toy_digits_scoring(completion, expected):
+    bank = TaskBank([TaskSpec("toy_digits")])
+    q = bank.sample(3, "n", 0, 1)[0]
+    assert bank.score(q, completion) == pytest.approx(expected)
+
+
+def test_toy_digits_format_bonus_and_determinism():
+    a, b = TaskBank([TaskSpec("toy_digits")]), TaskBank([TaskSpec("toy_digits")])
+    ref = TaskRef("toy_digits", 123, 456)
+    assert a.rebuild(ref) == b.rebuild(ref)
+    q = a.rebuild(ref)
+    assert a.score(q, "<answer>123456</answer>", format_reward=0.5) == 1.5
+    assert a.score(q, "123456", format_reward=0.5) == 1.0
+    # Another seed gives other examples.
+    assert {a.rebuild(TaskRef("toy_digits", 1, i)).answer for i in range(20)} != {
+        a.rebuild(TaskRef("toy_digits", 2, i)).answer for i in range(20)}

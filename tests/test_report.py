@@ -1,0 +1,238 @@
+"""supervisor.report: the numbers in the table, the PNG files, running experiments, configs and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from swarm_helpers import swarm_factory  # noqa: F401 - the fixture (tests/ is on sys.path via conftest)
+
+from supervisor.report import (
+    ReportError,
+    build_report,
+    load_experiment,
+    main,
+    moving_window,
+    read_jsonl,
+    trailing_mean,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+T0 = 1_700_000_000.0
+
+# Per-worker reward per round, chosen so the sums are easy to check by hand.
+BASE = {"worker_1": [0.1, 0.2, 0.3, 0.4], "worker_2": [0.3, 0.2, 0.1, 0.0]}  # means 0.2 x 4 -> 0.8
+SAPO = {"worker_1": [0.5, 0.5, 0.5, 0.5], "worker_2": [0.1, 0.3, 0.5, 0.7]}  # means 0.3 .. 0.6 -> 1.8
+
+
+def metrics_line(node: str, rnd: int, reward: float, *, J: int, gpu: int | None = None) -> dict:
+    line = {
+        "node_id": node, "round": rnd, "timestamp": T0 + 10 * rnd, "reward_local": reward,
+        "reward_external": None, "num_local_groups": 4 - J, "num_external_groups": J, "loss": 0.1,
+        "tokens_generated": 64, "tokens_prompt": 512, "tokens_trained": 64,
+        "timings": {"sample_s": 0.01, "generate_s": 0.5, "score_s": 0.01, "publish_s": 0.02, "wait_s": 0.1,
+                    "fetch_s": 0.02, "select_s": 0.01, "train_s": 0.3, "round_s": 1.0},
+    }
+    if gpu is not None:
+        line["gpu_peak_bytes"] = gpu
+    return line
+
+
+def write_experiment(shared: Path, name: str, rewards: dict[str, list[float]], *, I: int, J: int,  # noqa: E741
+                     max_rounds: int = 4, gpu: bool = False, snapshot: bool = True) -> Path:
+    exp = shared / "experiments" / name
+    if snapshot:
+        (exp / "state").mkdir(parents=True)
+        config = {"experiment": {"name": name, "max_rounds": max_rounds, "seed": 42},
+                  "sapo": {"num_train_samples": I, "num_transplant_trees": J, "num_generations": 4}}
+        (exp / "state" / "config.json").write_text(json.dumps(
+            {"schema_version": 1, "experiment": name, "written_by": "coordinator", "written_at": T0, "config": config}))
+    for node, values in rewards.items():
+        logs = exp / "logs" / node
+        logs.mkdir(parents=True)
+        lines = [metrics_line(node, r, v, J=J, gpu=(1 << 30) + r * (1 << 20) if gpu else None)
+                 for r, v in enumerate(values)]
+        (logs / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        events = [{"node_id": node, "event": "started", "timestamp": T0 - 5},
+                  {"node_id": node, "event": "finished", "timestamp": T0 + 100, "round": len(values) - 1}]
+        (logs / "training_events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return exp
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5_000, f"{path} is suspiciously small ({len(data)} bytes)"
+
+
+@pytest.fixture
+def two_experiments(tmp_path):
+    shared = tmp_path / "shared"
+    base = write_experiment(shared, "toy-4loc0ext", BASE, I=4, J=0)
+    sapo = write_experiment(shared, "toy-2loc2ext", SAPO, I=2, J=2, gpu=True)
+    return base, sapo
+
+
+def test_table_numbers_and_png_files(two_experiments, tmp_path):
+    base, sapo = two_experiments
+    out = tmp_path / "report"
+    report = build_report([sapo, base], out)  # the J=0 baseline need not come first
+
+    rows = {s.label: s for s in report.experiments}
+    assert report.baseline == "toy-4loc0ext"
+    b, s = rows["toy-4loc0ext"], rows["toy-2loc2ext"]
+    assert b.cumulative_reward == pytest.approx(0.8)
+    assert s.cumulative_reward == pytest.approx(1.8)
+    assert b.cumulative_reward_all_nodes == pytest.approx(1.6)
+    assert s.cumulative_reward_all_nodes == pytest.approx(3.6)
+    assert s.mean_reward == pytest.approx(0.45)
+    assert s.change_vs_baseline_pct == pytest.approx(125.0)
+    assert b.change_vs_baseline_pct == pytest.approx(0.0)
+    assert (s.num_train_samples, s.num_transplant_trees, s.num_generations) == (2, 2, 4)
+    assert (s.workers, s.rounds, s.last_round, s.restarts, s.finished) == (2, 4, 3, 0, True)
+    assert s.window == 1 and s.final_reward == pytest.approx(0.6)  # 4 rounds -> window ceil(4/10) = 1
+
+    names = {p.relative_to(out).as_posix() for p in report.plots}
+    assert {"reward_moving_average.png", "cumulative_reward.png", "toy-4loc0ext/reward_per_node.png",
+            "toy-4loc0ext/groups.png", "toy-4loc0ext/round_time.png", "toy-2loc2ext/gpu_memory.png"} <= names
+    assert "toy-4loc0ext/gpu_memory.png" not in names  # no gpu_peak_bytes in that experiment
+    for path in report.plots:
+        assert_png(path)
+
+    saved = json.loads((out / "report.json").read_text())
+    by_label = {e["label"]: e for e in saved["experiments"]}
+    assert saved["baseline"] == "toy-4loc0ext" and saved["schema_version"] == 1
+    assert by_label["toy-2loc2ext"]["cumulative_reward"] == pytest.approx(1.8)
+    assert by_label["toy-2loc2ext"]["change_vs_baseline_pct"] == pytest.approx(125.0)
+    assert sorted(saved["plots"]) == sorted(names)
+    md = (out / "report.md").read_text()
+    assert "| toy-2loc2ext | 2 | 2 | 4 | 2 | 4 | 1.80 | 3.60 |" in md
+    assert "+125.0 %" in md and "baseline" in md
+    for name in names:
+        assert f"]({name})" in md
+
+
+def test_running_experiment_truncated_line_duplicate_and_missing_node(two_experiments, tmp_path):
+    base, _ = two_experiments
+    shared = tmp_path / "shared"
+    running = write_experiment(shared, "toy-1loc3ext", {"worker_1": [0.4, 0.4, 0.4]}, I=1, J=3, max_rounds=10)
+    metrics = running / "logs" / "worker_1" / "metrics.jsonl"
+    with metrics.open("a") as fh:
+        fh.write(json.dumps(metrics_line("worker_1", 1, 0.9, J=3)) + "\n")  # a repeated (node, round): ignored
+        fh.write(json.dumps(metrics_line("worker_1", 3, 0.8, J=3))[:40])  # being written: no newline yet
+    (running / "logs" / "worker_2").mkdir()  # a worker that has not written anything yet
+    events = running / "logs" / "worker_1" / "training_events.jsonl"
+    events.write_text(events.read_text().splitlines()[0] + "\n" + json.dumps(
+        {"node_id": "worker_1", "event": "resumed", "timestamp": T0 + 15, "round": 0}) + "\n")
+
+    data = load_experiment(running)
+    assert data.nodes == ["worker_1"]
+    assert sorted(data.metrics["worker_1"]) == [0, 1, 2]
+    assert data.metrics["worker_1"][1]["reward_local"] == 0.4  # the first line of a (node, round) wins
+    assert (data.duplicate_lines, data.skipped_lines) == (1, 1)
+    assert data.restarts() == [{"node": "worker_1", "event": "resumed", "timestamp": T0 + 15, "round": 2}]
+
+    report = build_report([base, running], tmp_path / "out")
+    row = {s.label: s for s in report.experiments}["toy-1loc3ext"]
+    assert row.cumulative_reward == pytest.approx(1.2)
+    # Compared with the baseline over the 3 rounds both have: 1.2 vs 0.6.
+    assert (row.compared_rounds, row.change_vs_baseline_pct) == (3, pytest.approx(100.0))
+    assert (row.finished, row.restarts, row.rounds) == (False, 1, 3)
+    assert any("3 of 10 rounds" in w for w in report.warnings)
+    assert any("repeated (node, round)" in w for w in report.warnings)
+    md = report.markdown.read_text()
+    assert "toy-1loc3ext (running or stopped)" in md and "+100.0 % over 3 rounds" in md
+    for path in report.plots:
+        assert_png(path)
+
+
+def test_configs_with_env_overrides_and_no_baseline(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    write_experiment(shared, "renamed", SAPO, I=2, J=2, snapshot=False)
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"experiment: {{name: original, root: {shared}}}\n"
+                      "sapo: {num_train_samples: 2, num_transplant_trees: 2, num_generations: 4}\n"
+                      "model: {name: builtin:tiny-gpt2}\n")
+    monkeypatch.setenv("EXPERIMENT_NAME", "renamed")  # the seeds' env overrides apply to configs
+    report = build_report([config], tmp_path / "out")
+    (row,) = report.experiments
+    assert row.label == "renamed" and row.num_transplant_trees == 2
+    assert row.cumulative_reward == pytest.approx(1.8)
+    assert report.baseline is None and row.change_vs_baseline_pct is None
+    md = report.markdown.read_text()
+    assert "| change vs J=0 |" not in md and "no change column" in md
+
+
+def test_experiment_without_metrics_is_left_out_and_nothing_is_an_error(two_experiments, tmp_path):
+    base, _ = two_experiments
+    empty = tmp_path / "shared" / "experiments" / "empty"
+    (empty / "logs").mkdir(parents=True)
+    report = build_report([base, empty], tmp_path / "out")
+    assert [s.label for s in report.experiments] == ["toy-4loc0ext"]
+    assert any("empty: no metrics yet" in w for w in report.warnings)
+    with pytest.raises(ReportError, match="nothing to report"):
+        build_report([empty], tmp_path / "out2")
+    with pytest.raises(ReportError, match="not an experiment directory"):
+        build_report([tmp_path], tmp_path / "out3")
+
+
+def test_main_prints_the_table_and_maps_mistakes_to_exit_2(two_experiments, tmp_path, capsys):
+    base, sapo = two_experiments
+    assert main([str(base), str(sapo), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "toy-2loc2ext" in printed and "125.0 %" in printed and (tmp_path / "out" / "report.md").is_file()
+    assert main([str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such config file or experiment directory" in capsys.readouterr().err
+
+
+def test_swarm_report_subcommand(two_experiments, tmp_path, capsys):
+    from supervisor.cli import main as swarm
+
+    base, sapo = two_experiments
+    assert swarm(["report", str(base), str(sapo), "--out", str(tmp_path / "cli")]) == 0
+    assert "125.0 %" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert swarm(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_report_does_not_import_torch(two_experiments, tmp_path):
+    base, sapo = two_experiments
+    code = ("import sys; from supervisor.report import main; "
+            f"assert main([{str(base)!r}, {str(sapo)!r}, '--out', {str(tmp_path / 'o')!r}]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
+
+
+def test_read_jsonl_is_tolerant(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"a": 1}\n\nnot json\n[1, 2]\n{"b": 2}\n{"c": ')
+    assert read_jsonl(path) == ([{"a": 1}, {"b": 2}], 3)
+    assert read_jsonl(tmp_path / "missing.jsonl") == ([], 0)
+
+
+def test_moving_average_helpers():
+    assert [moving_window(n) for n in (1, 4, 10, 100, 120, 999, 1000, 2000)] == [1, 1, 1, 10, 12, 100, 100, 100]
+    # Trailing window over round numbers, partial at the start, gaps allowed.
+    assert trailing_mean([0, 1, 2, 3], [1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert trailing_mean([0, 1, 5], [1.0, 3.0, 5.0], 3) == [1.0, 2.0, 5.0]
+
+
+@pytest.mark.slow
+def test_report_on_a_real_two_worker_swarm(swarm_factory, tmp_path):
+    swarm = swarm_factory("experiment.max_rounds=4")
+    for node in ("coordinator", "worker_1", "worker_2"):
+        swarm.start(node)
+    for node in ("coordinator", "worker_1", "worker_2"):
+        assert swarm.wait(node, 240) == 0, swarm.output(node)[-3000:]
+    report = build_report([swarm.exp], tmp_path / "report")
+    (row,) = report.experiments
+    lines = {w: swarm.metrics(w) for w in ("worker_1", "worker_2")}
+    expected = sum((lines["worker_1"][r]["reward_local"] + lines["worker_2"][r]["reward_local"]) / 2 for r in range(4))
+    assert row.cumulative_reward == pytest.approx(expected)
+    assert (row.workers, row.rounds, row.finished, row.num_transplant_trees) == (2, 4, True, 2)
+    for path in report.plots:
+        assert_png(path)
