@@ -101,6 +101,7 @@ class Coordinator:
                 return EXIT_FINISHED
             else:
                 log.info("coordinator_resumed", round=state.round)
+                state = self.resume(state)
             while not state.finished:
                 state = self.tick(state)
                 self.stop.sleep(cfg.coordinator.poll_interval_s)
@@ -110,6 +111,36 @@ class Coordinator:
             log.info("coordinator_stopping", signal=str(stop))
             self.peer.update(round_=-1, status="stopping", force=True)
             return EXIT_STOPPED
+
+    def resume(self, state: RoundState) -> RoundState:
+        """After a crash or a host restart: hold the current round until the workers that were active
+        before (those with a result for this or the previous round) have refreshed their peer record since
+        we resumed (a record from before a kill may still look live), or ``round_timeout_s`` passed, then
+        restart the round's clock. Otherwise the first worker up would race through the rounds
+        alone while the others start (staggered, minutes for large models), and a round begun before a long
+        outage would time out before anyone could train it. Round 0 waits as at the start."""
+        cfg = self.config
+        if state.round == 0:
+            self.wait_for_workers()
+        else:
+            expected = self.submitted(state.round - 1) | self.submitted(state.round)
+            started = self.clock()
+            while True:
+                live = {name for name, record in live_workers(self.store, self.layout,
+                                                              cfg.supervisor.heartbeat_timeout_s).items()
+                        if record.heartbeat_at >= started}
+                waited = self.clock() - started
+                if expected <= live or waited >= cfg.coordinator.round_timeout_s:
+                    log.info("swarm_resuming", round=state.round, expected=sorted(expected), live=sorted(live),
+                             waited_s=round(waited, 1))
+                    break
+                self.heartbeat.progress("waiting_for_workers", round_=state.round)
+                self.peer.update(round_=state.round, status="running")
+                self.stop.sleep(cfg.coordinator.poll_interval_s)
+        now = self.clock()
+        state = replace(state, started_at=now, updated_at=now)
+        self.write_state(state)
+        return state
 
     def wait_for_workers(self) -> RoundState:
         """Hold round 0 until the expected workers registered, or ``round_timeout_s`` passed."""

@@ -144,19 +144,24 @@ class Heartbeat:
             pass
 
     def start(self) -> "Heartbeat":
-        """Start the background thread (idempotent)."""
+        """Start the background thread (idempotent). Starting counts as progress: the set-up before it
+        (model loading) may have taken longer than the hang timeout and must not look like a stuck loop."""
         if self._thread is None:
+            with self._lock:
+                self._progress_at = self.clock()
             self.write()
             self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.node_id}", daemon=True)
             self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop the thread and write a last heartbeat."""
+        """Stop the thread and write a last heartbeat. A node that never started heartbeating (it failed
+        while loading its model) writes none: its supervisor must see a failure before the first heartbeat,
+        which is what makes a crash loop at start-up a configuration error instead of endless restarts."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s + 1)
-        self.write()
+            self.write()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -41,7 +41,7 @@ import filelock
 import structlog
 
 from node.config import plain_name_problem
-from node.layout import ExperimentLayout
+from node.layout import ExperimentLayout, parse_round_dir, parse_stage_dir
 
 log = structlog.get_logger(__name__)
 
@@ -302,6 +302,52 @@ class SharedStore:
             raise ValueError(f"refusing path that resolves outside the experiment directory: {str(p)!r}")
         return p
 
+    def _check_writable(self, path: Path | str) -> Path:
+        """:meth:`check_inside` for a write. ``round_R``/``stage_S`` directories are created by the nodes
+        themselves, so one found to be a symlink (e.g. pointing out of the experiment) was planted by a
+        hostile peer: it is unlinked (the link only, never its target) and recreated as a directory by the
+        write, instead of refusing the write and crashing the node round after round. Any other symlink
+        (a fixed directory such as ``checkpoints/``) is still refused with ValueError."""
+        try:
+            return self.check_inside(path)
+        except ValueError:
+            if not self._unlink_planted_round_links(Path(path)):
+                raise
+        return self.check_inside(path)
+
+    def _unlink_planted_round_links(self, p: Path) -> bool:
+        lexical = os.path.normpath(os.path.abspath(p))
+        for base in self._bases:
+            b = os.path.normpath(os.path.abspath(base))
+            if _is_inside(lexical, b) and lexical != b:
+                break
+        else:
+            return False
+        removed = False
+        current = Path(b)
+        for part in Path(os.path.relpath(os.path.dirname(lexical), b)).parts:
+            if part in (".", ".."):
+                return removed
+            current = current / part
+            if parse_round_dir(part) is None and parse_stage_dir(part) is None:
+                continue
+            try:
+                st = self.fs.lstat(current)
+            except OSError:
+                return removed
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    self.fs.unlink(current)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    return removed
+                log.warning("planted_symlink_removed", path=str(current),
+                            reason="a round/stage directory was a symlink; recreated as a directory")
+                removed = True
+                break
+        return removed
+
     def _warn_once(self, path: Path | str, signature: tuple, event: str, **fields) -> None:
         key = str(path)
         with self._mutex:
@@ -321,7 +367,7 @@ class SharedStore:
 
     def makedirs(self, path: Path | str, exist_ok: bool = True) -> None:
         """``makedirs`` inside the experiment (or archive) dir, with retries."""
-        p = self.check_inside(path)
+        p = self._check_writable(path)
         self._retry(lambda: self.fs.makedirs(p, exist_ok=exist_ok), "makedirs")
 
     def ensure_layout(self) -> None:
@@ -340,7 +386,7 @@ class SharedStore:
         if retries:
             self._retry(lambda: self.write_bytes_atomic(path, data), "write")
             return
-        p = self.check_inside(path)
+        p = self._check_writable(path)
         fs = self.fs
         fs.makedirs(p.parent, exist_ok=True)
         tmp = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
@@ -388,7 +434,7 @@ class SharedStore:
         when the mount refused it (transient error or full) and it went to the local spool, to be written
         by a later :meth:`flush_spool` (every publish flushes first). Other errors propagate."""
         data = encode_json(obj)
-        p = self.check_inside(path)
+        p = self._check_writable(path)
         self.flush_spool(attempts=1)
         key = self._spool_key(p)
         spooled = self.spool_dir / key
@@ -416,7 +462,7 @@ class SharedStore:
         """Append ``obj`` as one JSON line (O_APPEND, write, fsync) under this file's lock. True when it is
         in the shared dir; False when spooled locally (kept in order, flushed later)."""
         line = encode_json(obj) + b"\n"
-        p = self.check_inside(path)
+        p = self._check_writable(path)
         self.flush_spool(attempts=1)
         key = self._spool_key(p) + _APPEND_SUFFIX
         # Lock order everywhere: spool lock, then the file's append lock (flush_spool takes them so too).
@@ -709,11 +755,15 @@ class SharedStore:
 
     def list_json(self, directory: Path | str) -> list[Path]:
         """``*.json`` regular files in a shared-dir directory (no temp or hidden files, no symlinks),
-        sorted; tolerant of a missing directory and of transient errors."""
+        sorted; tolerant of a missing directory and of transient errors. Symlinks, non-regular files and
+        other names (a ``.pt`` among rollouts) are skipped with one ``peer_file_rejected`` warning each."""
         d = Path(directory)
         out = []
         for name in self.listdir(d):
-            if not name.endswith(".json") or name.startswith("."):
+            if name.startswith("."):  # temp files of writes in progress
+                continue
+            if not name.endswith(".json"):  # e.g. a .pt planted among rollouts: never opened, said once
+                self._warn_once(d / name, ("not_json",), "peer_file_rejected", reason="not a .json file (ignored)")
                 continue
             p = d / name
             try:

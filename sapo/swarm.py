@@ -40,6 +40,9 @@ class Selection:
     candidates: int
     dropped: Counter = field(default_factory=Counter)
     reward_disagreements: int = 0  # used groups whose peer-claimed rewards differ from ours (a lying peer?)
+    # (peer_id, batch_id, reason) of every group a peer got wrong: a drop other than own/no_signal, or
+    # "reward_disagreement" for a used group whose claimed rewards differ from ours (for one warning each)
+    suspicious: list = field(default_factory=list)
 
 
 DROP_REASONS = ("own", "bad_reference", "unknown_task", "prompt_mismatch", "wrong_size", "no_signal")
@@ -118,12 +121,14 @@ def select_external(
         result = rebuild(shared)
         if isinstance(result, str):
             selection.dropped[result] += 1
+            selection.suspicious.append((shared.peer_id, shared.batch_id, result))
         elif not result.is_informative:
             selection.dropped["no_signal"] += 1
         else:
             selection.groups.append(result)
             if shared.claimed_rewards and _disagree(shared.claimed_rewards, result.rewards):
                 selection.reward_disagreements += 1
+                selection.suspicious.append((shared.peer_id, shared.batch_id, "reward_disagreement"))
     return selection
 
 

@@ -135,9 +135,16 @@ def test_refuses_writes_outside_root(store, layout, tmp_path):
     for bad in [layout.root / ".." / "x.json", Path("/etc/x.json"), layout.root / "peers" / ".." / ".." / "y.json"]:
         with pytest.raises(ValueError):
             store.write_json_atomic(bad, {})
+    # a round dir planted as a symlink out of the experiment: the link is replaced, the write lands inside
     (layout.root / "rollouts" / "round_9").symlink_to(outside, target_is_directory=True)
+    store.write_json_atomic(layout.rollout_file(9, 0, "worker_1"), {})
+    assert not (layout.root / "rollouts" / "round_9").is_symlink()
+    assert layout.rollout_file(9, 0, "worker_1").is_file()
+    # any other symlinked directory (not one the nodes create per round) is still refused
+    (layout.root / "logs").mkdir(exist_ok=True)
+    (layout.root / "logs" / "worker_1").symlink_to(outside, target_is_directory=True)
     with pytest.raises(ValueError):
-        store.write_json_atomic(layout.rollout_file(9, 0, "worker_1"), {})
+        store.append_jsonl(layout.metrics_file("worker_1"), {})
     with pytest.raises(ValueError):
         store.publish(layout.root / ".." / "z.json", {})
     assert os.listdir(outside) == [] and not (layout.root.parent / "x.json").exists()

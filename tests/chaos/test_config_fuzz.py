@@ -12,8 +12,17 @@ from hypothesis import strategies as st
 
 from node.config import ENV_OVERRIDES, ExperimentConfig, resolve_config
 from sapo.config import ConfigError
+from scenarios import record
 
 pytestmark = pytest.mark.chaos
+COUNTS = {"valid": 0, "config_error": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures():
+    yield
+    record("config_fuzz", faults="random --set values, environment overrides and YAML documents (hypothesis)",
+           recover="n/a", examples=sum(COUNTS.values()), **COUNTS)
 
 
 def _field_paths(cls=ExperimentConfig, prefix=""):
@@ -37,7 +46,9 @@ def _check(call):
         config = call()
     except ConfigError as err:
         assert err.field and str(err)
+        COUNTS["config_error"] += 1
         return
+    COUNTS["valid"] += 1
     assert isinstance(config, ExperimentConfig)
     assert config == resolve_config(environ={}, overrides=[f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                                            for k, v in _flat(config.to_dict()).items()])

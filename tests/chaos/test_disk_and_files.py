@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from fakes import FlakyFS
 from node.checkpoint import load_latest_checkpoint, save_checkpoint
+from scenarios import record
 from node.layout import ExperimentLayout
 from node.schemas import RolloutFile
 from node.storage import SharedStore
@@ -76,6 +77,9 @@ def test_enospc_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_disk):
     assert restored.round == 0  # the previous checkpoint is intact and loads
     filler.unlink()  # space returns: the node recovers at its next checkpoint
     assert save_checkpoint(store, layout, "worker_1", 1, model, opt, keep_last=3)
+    record("enospc_checkpoint", faults="checkpoint of round 1 onto a full tmpfs (real ENOSPC)",
+           recover="next checkpoint succeeds once space returns", error=failed[0]["error"][:80],
+           previous_checkpoint_loads=True, temp_files_left=0)
 
 
 def test_enospc_during_publish_spools_then_lands(tmp_path, tiny_disk):
@@ -92,6 +96,8 @@ def test_enospc_during_publish_spools_then_lands(tmp_path, tiny_disk):
     filler.unlink()
     assert store.flush_spool() == 3
     assert all(json.loads(p.read_text()) == body for p in paths)
+    record("enospc_publish", faults="3 publishes onto a full tmpfs (real ENOSPC)",
+           recover="spool flushed when space returns", spooled=3, landed=3)
 
 
 def test_reader_never_sees_half_a_file(tmp_path):
@@ -124,6 +130,8 @@ def test_reader_never_sees_half_a_file(tmp_path):
         thread.join()
     assert reads > 50
     assert not [e for e in logs if e["event"] == "peer_file_rejected"]
+    record("stale_read", faults="a peer file atomically replaced in a loop for 2 s while read",
+           recover="n/a (no error)", reads=reads, torn_reads=0)
 
 
 def test_half_written_file_from_a_killed_writer_is_skipped(tmp_path):
@@ -143,6 +151,8 @@ def test_half_written_file_from_a_killed_writer_is_skipped(tmp_path):
     with capture_logs() as logs:
         assert store.read_as(path, RolloutFile.from_json, expect_round=0, expect_stage=0, expect_node="worker_3") is None
     assert [e["event"] for e in logs] == ["peer_file_rejected"]
+    record("half_written", faults="a non-atomic writer SIGKILLed mid-file (100 kB of a rollout file)",
+           recover="n/a (skipped with one warning)", warnings=1)
 
 
 def test_lock_held_by_a_killed_process_is_released(tmp_path):
@@ -164,8 +174,11 @@ def test_lock_held_by_a_killed_process_is_released(tmp_path):
             lock.acquire()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        killed = time.monotonic()
         lock.acquire(timeout=5)
         lock.release()
+        record("stale_lock", faults="the config-snapshot lock held by a process, then SIGKILLed",
+               recover=f"lock acquired {time.monotonic() - killed:.3f} s after the kill")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -186,3 +199,5 @@ def test_flaky_fs_eio_bursts_never_raise_from_reads(tmp_path):
         assert store.list_json(layout.peers_dir()) == []
         fs.heal()
         assert store.read_json(path) == {"a": 1}
+    record("io_bursts", faults="EIO, ENOTCONN, ESTALE, EAGAIN on every call (2 retries each)",
+           recover="first read after the fault ends", exceptions=0)
