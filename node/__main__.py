@@ -138,6 +138,7 @@ def join_experiment(store, layout, config, node_id: str, stop: StopFlag, *, retr
 
 def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:
     """Register, load the model, then train (heartbeats start only once the model is loaded)."""
+    import torch
     import transformers
 
     from node.models import ModelLoadError, load_model
@@ -151,14 +152,18 @@ def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:
     device = pick_device(config.supervisor.device)
     apply_memory_fraction(device)
     try:
-        loaded = load_model(config.model.name, device=device, dtype=config.model.dtype, seed=config.experiment.seed)
+        loaded = load_model(config.model.name, device=device, dtype=config.model.dtype, seed=config.experiment.seed,
+                            attn_implementation=config.model.attn_implementation)
     except ModelLoadError as err:
         log.error("model_load_failed", error=str(err))
         print(f"model load failed: {err}", file=sys.stderr)
         return EXIT_FAILED
-    learner = SapoLearner(loaded.model, loaded.tokenizer, config.sapo, experiment_seed=config.experiment.seed)
+    autocast = None if config.model.autocast == "none" else getattr(torch, config.model.autocast)
+    learner = SapoLearner(loaded.model, loaded.tokenizer, config.sapo, experiment_seed=config.experiment.seed,
+                          autocast=autocast)
     heartbeat.start()
-    log.info("worker_ready", device=device, dtype=str(loaded.dtype))
+    log.info("worker_ready", device=device, dtype=str(loaded.dtype), autocast=config.model.autocast,
+             attn_implementation=loaded.model.config._attn_implementation)
     return Worker(config, node_id, store=store, layout=layout, learner=learner, heartbeat=heartbeat, stop=stop,
                   peer=peer).run()
 

@@ -58,6 +58,13 @@ class ModelSection:
                        "Hugging Face model id or local path, or builtin:tiny-gpt2 (env MODEL_NAME)")
     dtype: str = option("auto", "weights dtype: auto = bfloat16 on a GPU that supports it, else float32",
                         choices=("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str = option("auto", "attention kernel: auto = transformers' default (sdpa for GPT-2 "
+                                      "in transformers 5), sdpa, or eager (the plain matmul/softmax path)",
+                                      choices=("auto", "sdpa", "eager"))
+    autocast: str = option("none", "mixed precision: run generate and the training forward passes under "
+                           "torch.autocast in this dtype, the weights and Adam state staying in model.dtype "
+                           "(e.g. float32 weights + bfloat16 autocast); none = off",
+                           choices=("none", "bfloat16"))
 
     def __post_init__(self):
         check_fields(self)

@@ -100,13 +100,14 @@ def _explain(name: str, exc: BaseException, token: str | None) -> str:
 
 
 def _from_pretrained(
-    name: str, token: str | None, dtype: torch.dtype
+    name: str, token: str | None, dtype: torch.dtype, attn_implementation: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     offline = _offline()
     # Tokenizer first: it is small, so a bad name or missing access fails before any weights move.
     tokenizer = AutoTokenizer.from_pretrained(name, token=token, local_files_only=offline)
     # transformers >= 4.56 calls it ``dtype``; ``torch_dtype`` is deprecated.
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, token=token, local_files_only=offline)
+    extra = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, token=token, local_files_only=offline, **extra)
     return model, tokenizer
 
 
@@ -129,12 +130,14 @@ def load_model(
     dtype: str = "auto",
     seed: int = 0,
     token: str | None = None,
+    attn_implementation: str = "auto",
 ) -> LoadedModel:
     """Load ``name`` (``builtin:*``, a Hub id or a local directory) onto ``device``, in eval mode.
 
     ``dtype`` is "auto", "float32", "bfloat16" or "float16" (see :func:`resolve_dtype`). Weights that
     are initialised rather than loaded (all of a built-in's, a fresh head's) depend only on ``seed``;
-    the caller's global RNG is left alone. Any failure raises :class:`ModelLoadError`.
+    the caller's global RNG is left alone. ``attn_implementation`` ("auto" = transformers' default, "sdpa",
+    "eager") picks the attention kernel. Any failure raises :class:`ModelLoadError`.
     """
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -145,9 +148,11 @@ def load_model(
             if name.startswith("builtin:"):
                 model, tokenizer = build_builtin(name, seed)
                 model = model.to(dtype=torch_dtype)
+                if attn_implementation != "auto":
+                    model.set_attn_implementation(attn_implementation)
             else:
                 # Already in ``torch_dtype``; a blanket cast would undo modules kept in float32 on purpose.
-                model, tokenizer = _from_pretrained(name, token, torch_dtype)
+                model, tokenizer = _from_pretrained(name, token, torch_dtype, attn_implementation)
         _ensure_pad_token(model, tokenizer)
         model = model.to(device).eval()
     except Exception as exc:  # one error type for the worker to report, whatever went wrong below

@@ -73,12 +73,36 @@ class Worker:
             self.last_checkpoint = self.last_done
             self.records.event("checkpoint", round=self.last_done)
 
+    def warmup(self):
+        """``sapo.warmup``: one worst-case round before the first real one (see SapoLearner.warmup).
+
+        ``auto`` runs it on CUDA only. An out-of-memory error in its generate crashes the worker now, in its
+        first minute (the supervisor reports it as cuda_oom); one in its training pass halves the
+        micro-batch size, which the real rounds then keep. Returns the stats, or None when it is off.
+        """
+        wanted = self.config.sapo.warmup
+        if not (self.learner.device.type == "cuda" if wanted == "auto" else wanted):
+            return None
+        self.heartbeat.progress("warmup", status="running")
+        t = time.perf_counter()
+        stats = self.learner.warmup()
+        seconds = round(time.perf_counter() - t, 3)
+        fields = {"seconds": seconds, "generate_s": round(stats.generate_s, 3), "train_s": round(stats.train_s, 3),
+                  "sequences_generated": stats.sequences_generated, "sequences_trained": stats.sequences_trained,
+                  "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+                  "micro_batch_size": stats.micro_batch_size, "gpu_peak_bytes": stats.peak_bytes}
+        self.records.event("warmup", **fields)
+        log.info("warmup_done", **fields)
+        return stats
+
     def run(self) -> int:
         """Train until the coordinator's final state; returns the process exit code."""
         try:
             self.resume()
+            self.warmup()
             while True:
                 state = self.wait_for_round()
+                self.log_skipped(state.round)
                 if state.finished:
                     self.checkpoint()
                     self.records.event("finished", round=self.last_done)
@@ -86,10 +110,6 @@ class Worker:
                     self.heartbeat.progress("finished", status="finished")
                     log.info("experiment_finished", last_round=self.last_done)
                     return EXIT_FINISHED
-                if state.round > self.last_done + 1:
-                    skipped = list(range(self.last_done + 1, state.round))
-                    self.records.event("rounds_skipped", rounds=skipped, joined=state.round)
-                    log.warning("rounds_skipped", rounds=skipped, joined=state.round)
                 self.run_round(state.round)
                 self.last_done = state.round
                 if (state.round + 1) % self.config.checkpoint.every_rounds == 0:
@@ -101,6 +121,15 @@ class Worker:
             self.records.event("stopped", signal=str(stop), round=self.last_done)
             self.peer.update(round_=self.last_done, status="stopping", force=True)
             return EXIT_STOPPED
+
+    def log_skipped(self, joined: int) -> None:
+        """Record the rounds before ``joined`` we never trained (we were down or behind; also when the run
+        finished meanwhile). A round trained before a crash that came before its checkpoint already has its
+        metrics line: it was not skipped."""
+        skipped = [r for r in range(self.last_done + 1, joined) if r not in self.records.recorded_rounds]
+        if skipped:
+            self.records.event("rounds_skipped", rounds=skipped, joined=joined)
+            log.warning("rounds_skipped", rounds=skipped, joined=joined)
 
     def read_state(self) -> RoundState | None:
         """The coordinator's state, or None while it is absent or unreadable."""
@@ -161,6 +190,10 @@ class Worker:
         rng = random.Random(derived_seed(seed, self.node_id, round_, "external"))
         selection = learner.select_external(shared, self.node_id, rng)
         timings["select_s"] = time.perf_counter() - t
+        for peer_id, batch_id, reason in selection.suspicious:  # a peer lied: one warning per group
+            log.warning("peer_group_rejected" if reason != "reward_disagreement" else "peer_reward_disagreement",
+                        peer=peer_id, batch_id=batch_id, reason=reason,
+                        used=reason == "reward_disagreement")
         self.stop.check()
 
         self.heartbeat.progress("train", round_=round_)

@@ -222,6 +222,12 @@ DEFAULT_TASKS = tuple(
 )
 
 
+def _auto_or_bool(value: Any) -> str | None:
+    if isinstance(value, bool) or value == "auto":
+        return None
+    return f"must be true, false or 'auto'; got {value!r}"
+
+
 def _unique_tasks(tasks: tuple) -> str | None:
     names = [t.name for t in tasks]
     if not names:
@@ -255,6 +261,14 @@ class SapoConfig:
         0, "sequences per forward/backward; 0 = all (I+J)*G at once, with gradient accumulation otherwise", min=0
     )
     format_reward: float = option(0.0, "bonus for a well-formed <answer>...</answer> span (0 = off)", min=0.0)
+    compile_generate: bool = option(
+        False, "sample with a static KV cache sized max_prompt_tokens + max_new_tokens, so that transformers "
+        "compiles the decoding step with torch.compile (CUDA only; on a CPU only the static cache applies)"
+    )
+    warmup: bool | str = option(
+        "auto", "before the first round, one worst-case generate + loss/backward (no optimizer step), so an "
+        "out-of-memory shows at start-up; auto = on for CUDA, off for CPU", check=_auto_or_bool
+    )
     tasks: tuple[TaskSpec, ...] = option(
         help="weighted task mix", factory=lambda: DEFAULT_TASKS, check=_unique_tasks
     )

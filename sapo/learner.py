@@ -55,6 +55,30 @@ class GenerateStats:
     timings: dict = field(default_factory=dict)
 
 
+@dataclass
+class WarmupStats:
+    """What the start-up warm-up did (one worst-case generate + loss/backward, no optimizer step)."""
+
+    sequences_generated: int = 0
+    sequences_trained: int = 0
+    prompt_tokens: int = 0  # per sequence
+    new_tokens: int = 0  # per sequence
+    generate_s: float = 0.0
+    train_s: float = 0.0
+    micro_batch_size: int = 0  # after any out-of-memory halving
+    peak_bytes: int | None = None  # torch.cuda.max_memory_allocated() on CUDA
+
+
+def _max_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings allow, when its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """CUDA (or MPS) ran out of memory; the step is retried with smaller micro-batches."""
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
@@ -63,8 +87,10 @@ def is_out_of_memory(err: BaseException) -> bool:
 class SapoLearner:
     """A policy, its optimiser and the task bank; the algorithm side of one worker."""
 
-    def __init__(self, model, tokenizer, config: SapoConfig, *, experiment_seed: int = 0, bank: TaskBank | None = None):
+    def __init__(self, model, tokenizer, config: SapoConfig, *, experiment_seed: int = 0, bank: TaskBank | None = None,
+                 autocast: torch.dtype | None = None):
         self.model = model
+        self.autocast_dtype = autocast  # forward passes under torch.autocast in this dtype (None = off)
         self.experiment_seed = experiment_seed
         self.tokenizer = tokenizer
         self.config = config
@@ -79,6 +105,10 @@ class SapoLearner:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.micro_batch_size = config.micro_batch_size  # 0 = everything at once; may shrink after an OOM
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def autocast(self):
+        """The mixed-precision context for forward passes (a no-op context when off)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     @property
     def device(self) -> torch.device:
@@ -100,16 +130,18 @@ class SapoLearner:
         prompts = [self.prompt_for(q.text) for q in questions]
         prompt_ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens) for p in prompts]
         t0 = time.perf_counter()
-        sampled = sample_completions(
-            self.model,
-            self.tokenizer,
-            prompt_ids,
-            num_generations=cfg.num_generations,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=seed,
-        )
+        with self.autocast():
+            sampled = sample_completions(
+                self.model,
+                self.tokenizer,
+                prompt_ids,
+                num_generations=cfg.num_generations,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=seed,
+                static_cache_len=self.static_cache_len(),
+            )
         t1 = time.perf_counter()
         groups = []
         for i, (question, prompt, ids, completions) in enumerate(zip(questions, prompts, prompt_ids, sampled)):
@@ -123,6 +155,78 @@ class SapoLearner:
             score_s=t2 - t1,
         )
         return groups, stats
+
+    def static_cache_len(self) -> int | None:
+        """KV-cache positions for ``sapo.compile_generate`` (None: the default dynamic cache).
+
+        One size for every round (the longest prompt plus the longest completion, within the model's
+        positions), so the compiled decoding step never sees a new shape.
+        """
+        cfg = self.config
+        if not cfg.compile_generate:
+            return None
+        length = cfg.max_prompt_tokens + cfg.max_new_tokens
+        limit = _max_positions(self.model)
+        return min(length, limit) if limit else length
+
+    # --- start-up warm-up ---------------------------------------------------------------------------
+    def warmup(self) -> WarmupStats:
+        """Run the worst case of a round once, so that running out of memory happens now, not at round 500.
+
+        Generates I*G completions of exactly ``max_new_tokens`` from prompts of ``max_prompt_tokens``
+        (both cut to the model's positions), then one loss/backward over (I+J)*G such sequences (the J
+        external groups are copies of local ones) with the same micro-batching and out-of-memory fallback
+        as :meth:`train`; on CUDA it also holds Adam's two state tensors per parameter for a moment if
+        they do not exist yet, as the first real step will. Then the gradients are dropped: the optimizer
+        never steps, the weights do not change, and the caller's RNG state (CPU and CUDA) is restored.
+        """
+        cfg = self.config
+        stats = WarmupStats()
+        new_tokens = cfg.max_new_tokens
+        prompt_len = cfg.max_prompt_tokens
+        limit = _max_positions(self.model)
+        if limit:
+            new_tokens = min(new_tokens, limit - 1)
+            prompt_len = max(1, min(prompt_len, limit - new_tokens))
+        filler = "The quick brown fox jumps over the lazy dog; 12 + 34 = 46. "
+        unit = [t for t in self.tokenizer(filler, add_special_tokens=False)["input_ids"] if t != self.pad_id]
+        ids = (unit * (prompt_len // max(len(unit), 1) + 1))[:prompt_len]
+        stats.prompt_tokens, stats.new_tokens = len(ids), new_tokens
+        cuda = self.device.type == "cuda"
+        devices = [self.device.index or 0] if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.perf_counter()
+            with self.autocast():
+                sampled = sample_completions(
+                    self.model, self.tokenizer, [ids] * cfg.num_train_samples,
+                    num_generations=cfg.num_generations, max_new_tokens=new_tokens, temperature=cfg.temperature,
+                    top_p=cfg.top_p, seed=0, static_cache_len=self.static_cache_len(), min_new_tokens=new_tokens,
+                )
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
+            stats.generate_s = t1 - t0
+            stats.sequences_generated = sum(len(g) for g in sampled)
+            spread = [float(i % 2) for i in range(cfg.num_generations)]  # every group informative
+            groups = [Group(None, "", ids, completions, list(spread)) for completions in sampled]
+            groups += [groups[k % len(groups)] for k in range(cfg.num_transplant_trees)]
+            batch = build_batch(groups, ragged_group_advantages([g.rewards for g in groups]), self.pad_id)
+            batch = batch.to(self.device)
+            total_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
+            self._step_with_oom_fallback(batch, None, total_tokens, TrainStats(), step=False)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            stats.train_s = time.perf_counter() - t1
+            stats.sequences_trained = len(batch)
+        stats.micro_batch_size = self.micro_batch_size or len(batch)
+        if cuda:
+            stats.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            del batch, groups, sampled
+            torch.cuda.empty_cache()  # give the worst case's cached blocks back; rounds allocate their own
+        return stats
 
     # --- external groups ----------------------------------------------------------------------------
     def rebuild_external(self, shared: SharedGroup) -> Group | str:
@@ -175,15 +279,17 @@ class SapoLearner:
     @torch.no_grad()
     def _batch_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
         size = self.micro_batch_size or len(batch)
-        return [
-            completion_log_probs(self.model, batch.rows(i, i + size), self.config.temperature)[0]
-            for i in range(0, len(batch), size)
-        ]
+        with self.autocast():
+            return [
+                completion_log_probs(self.model, batch.rows(i, i + size), self.config.temperature)[0]
+                for i in range(0, len(batch), size)
+            ]
 
-    def _step_with_oom_fallback(self, batch: TrainBatch, old_logp, total_tokens: int, stats: TrainStats) -> None:
+    def _step_with_oom_fallback(self, batch: TrainBatch, old_logp, total_tokens: int, stats: TrainStats,
+                                step: bool = True) -> None:
         while True:
             try:
-                self._step(batch, old_logp, total_tokens, stats)
+                self._step(batch, old_logp, total_tokens, stats, step=step)
                 return
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 size = self.micro_batch_size or len(batch)
@@ -194,18 +300,22 @@ class SapoLearner:
                     torch.cuda.empty_cache()
                 self.micro_batch_size = max(1, size // 2)
 
-    def _step(self, batch: TrainBatch, old_logp: list[torch.Tensor] | None, total_tokens: int, stats: TrainStats) -> None:
+    def _step(self, batch: TrainBatch, old_logp: list[torch.Tensor] | None, total_tokens: int, stats: TrainStats,
+              step: bool = True) -> None:
+        """Forward/backward over the micro-batches, then one optimizer step (``step=False``: the warm-up's
+        dry run, which drops the gradients instead)."""
         cfg = self.config
         size = self.micro_batch_size or len(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = pg_sum = kl_sum = clip_weighted = 0.0
         for k, start in enumerate(range(0, len(batch), size)):
             micro = batch.rows(start, start + size)
-            logp, mask = completion_log_probs(self.model, micro, cfg.temperature)  # (n, t)
-            ref_logp = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_logp, _ = completion_log_probs(self.reference, micro, cfg.temperature)
+            with self.autocast():  # forward only; backward runs outside, as torch.autocast wants
+                logp, mask = completion_log_probs(self.model, micro, cfg.temperature)  # (n, t), float32
+                ref_logp = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref_logp, _ = completion_log_probs(self.reference, micro, cfg.temperature)
             old = old_logp[k] if old_logp is not None else logp.detach()
             parts = clipped_policy_loss(
                 logp, old, micro.advantages, mask,
@@ -218,6 +328,13 @@ class SapoLearner:
             kl_sum += parts.kl
             clip_weighted += parts.clip_fraction * parts.tokens
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if not step:
+            if not self.optimizer.state and self.device.type == "cuda":
+                # Adam creates exp_avg and exp_avg_sq at its first step: hold their size once, with the grads.
+                held = [torch.empty_like(p) for p in params for _ in range(2)]
+                del held
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if cfg.max_grad_norm > 0:
             stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         self.optimizer.step()

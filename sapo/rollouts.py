@@ -92,8 +92,16 @@ def sample_completions(
     temperature: float,
     top_p: float,
     seed: int | None = None,
+    static_cache_len: int | None = None,
+    min_new_tokens: int | None = None,
 ) -> list[list[Completion]]:
-    """G completions for each prompt, all in one ``generate`` call; returns ``[prompt][g]``."""
+    """G completions for each prompt, all in one ``generate`` call; returns ``[prompt][g]``.
+
+    ``static_cache_len``: sample with a static KV cache of (at least) that many positions instead of the
+    growing dynamic one. Its shape then stays the same from round to round, so on CUDA transformers compiles
+    the decoding step once (``torch.compile``, its auto-compile for static caches) and reuses it.
+    ``min_new_tokens``: never stop before that many tokens (the start-up warm-up's worst case).
+    """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
@@ -103,6 +111,11 @@ def sample_completions(
         torch.manual_seed(seed)  # also seeds every CUDA device
     # A pad token distinct from EOS is not text: never sample it (it would also confuse masks later).
     suppress = [pad_id] if pad_id != eos_id else None
+    extra = {}
+    if static_cache_len:
+        extra.update(cache_implementation="static", max_cache_len=max(static_cache_len, input_ids.shape[1] + max_new_tokens))
+    if min_new_tokens:
+        extra["min_new_tokens"] = min_new_tokens
     was_training = model.training
     model.eval()
     out = model.generate(
@@ -116,6 +129,7 @@ def sample_completions(
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         suppress_tokens=suppress,
+        **extra,
     )  # (B, Lp + Tn)
     model.train(was_training)
     new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, Tn)

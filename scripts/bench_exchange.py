@@ -5,9 +5,10 @@ Simulates P peers in a temporary experiment directory. Each round, the P-1 other
 are put in place (not timed), then one node does what a worker does per round and the clock runs:
 publish its own rollout file (atomic write with fsync), list the round's stage directory, read every
 peer file and validate it against the schema (size cap, strict JSON, types, path consistency).
-Prints the median (and p90) milliseconds per round for each peer count. Goal: < 20 ms for 4 peers.
+Prints the median (and p90) milliseconds per round for each peer count, split into our publish (atomic
+write + fsync: independent of the peer count) and fetch + validate (grows with it). Goal: < 20 ms for 4 peers.
 
-    python scripts/bench_exchange.py                 # 4 and 64 peers, 20 rounds
+    python scripts/bench_exchange.py                 # 4, 8, 16, 32 and 64 peers, 20 rounds
     python scripts/bench_exchange.py --peers 4 16 64 --rounds 50 --dir /mnt/drive/tmp
 """
 
@@ -42,14 +43,15 @@ def make_file(peer: str, rnd: int, groups: int, completions: int, rng: random.Ra
     return RolloutFile(peer_id=peer, round=rnd, stage=0, timestamp=time.time(), rollouts=rollouts)
 
 
-def bench(peers: int, rounds: int, groups: int, completions: int, base: Path) -> list[float]:
+def bench(peers: int, rounds: int, groups: int, completions: int, base: Path) -> tuple[list[float], list[float]]:
+    """Milliseconds per round: (publish + fetch + validate, publish alone)."""
     rng = random.Random(peers)
     layout = ExperimentLayout.for_experiment(base / f"p{peers}", "bench")
     layout.ensure_dirs()
     me = "worker_0"
     store = SharedStore(layout, node_id=me, lock_dir=base / "locks", spool_dir=base / f"spool{peers}")
     others = [f"worker_{i}" for i in range(1, peers)]
-    times = []
+    times, publish = [], []
     for r in range(rounds):
         d = layout.rollouts_dir(r, 0)
         d.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,7 @@ def bench(peers: int, rounds: int, groups: int, completions: int, base: Path) ->
 
         t0 = time.perf_counter()
         assert store.publish(layout.rollout_file(r, 0, me), mine)
+        publish.append((time.perf_counter() - t0) * 1000.0)
         got = []
         for path in store.list_json(d):
             rf = store.read_as(path, RolloutFile.from_json, expect_round=r, expect_stage=0, expect_node=path.stem)
@@ -66,13 +69,14 @@ def bench(peers: int, rounds: int, groups: int, completions: int, base: Path) ->
                 got.append(rf)
         times.append((time.perf_counter() - t0) * 1000.0)
         assert len(got) == peers, f"round {r}: {len(got)} of {peers} files validated"
-    return times
+    return times, publish
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Time publish + list + read + validate of peers' rollout files per "
                                              "round on local disk (goal: < 20 ms/round for 4 peers).")
-    ap.add_argument("--peers", type=int, nargs="+", default=[4, 64], help="peer counts to simulate (default: 4 64)")
+    ap.add_argument("--peers", type=int, nargs="+", default=[4, 8, 16, 32, 64],
+                    help="peer counts to simulate (default: 4 8 16 32 64)")
     ap.add_argument("--rounds", type=int, default=20, help="rounds per peer count (median reported; default 20)")
     ap.add_argument("--groups", type=int, default=2, help="I: question groups per file (default 2)")
     ap.add_argument("--completions", type=int, default=4, help="G: completions per group (default 4)")
@@ -81,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.peers) < 1 or args.rounds < 1:
         ap.error("--peers and --rounds must be >= 1")
     with tempfile.TemporaryDirectory(prefix="bench_exchange_", dir=args.dir) as tmp:
-        print(f"{'peers':>6} {'ms/round (median)':>18} {'p90':>8} {'per file':>9}   (I={args.groups}, "
-              f"G={args.completions}, {args.rounds} rounds, {tmp})")
+        print(f"{'peers':>6} {'ms/round (median)':>18} {'p90':>8} {'publish':>8} {'fetch+validate':>15} "
+              f"{'ms/peer file':>13}   (I={args.groups}, G={args.completions}, {args.rounds} rounds, {tmp})")
+        bench(4, 3, args.groups, args.completions, Path(tmp) / "warm-up")  # imports, first directories
         for p in args.peers:
-            times = bench(p, args.rounds, args.groups, args.completions, Path(tmp))
+            times, publish = bench(p, args.rounds, args.groups, args.completions, Path(tmp))
             med = statistics.median(times)
             p90 = sorted(times)[max(0, int(len(times) * 0.9) - 1)]
-            print(f"{p:>6} {med:>18.2f} {p90:>8.2f} {med / p:>9.3f}")
+            pub = statistics.median(publish)
+            fetch = statistics.median(t - q for t, q in zip(times, publish))
+            print(f"{p:>6} {med:>18.2f} {p90:>8.2f} {pub:>8.2f} {fetch:>15.2f} {fetch / p:>13.3f}")
     return 0
 
 

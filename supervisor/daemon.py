@@ -80,6 +80,15 @@ class AlreadyRunning(RuntimeError):
 
 # --------------------------------------------------------------------------- runtime files
 
+def cpu_share(workers: int) -> int:
+    """Threads per CPU worker: the cores this process may use, divided among the workers (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
 @dataclass(frozen=True)
 class RuntimePaths:
     """Files of the local runtime dir (never the shared dir): lock, pid, status, logs, heartbeats."""
@@ -420,6 +429,10 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = "0"
             assert self.launch is not None and self.launch.gpu_plan is not None
             env["SWARM_MEMORY_FRACTION"] = repr(float(self.launch.gpu_plan.fraction))
+        if env["SWARM_DEVICE"] == "cpu" and "OMP_NUM_THREADS" not in self.environ:
+            # torch gives every process one thread per core: N CPU workers would oversubscribe the cores
+            # (measured: a 2-worker CPU swarm on 2 cores ran 9x slower). Share them; the coordinator needs one.
+            env["OMP_NUM_THREADS"] = str(1 if node.role == "coordinator" else cpu_share(self.sv.workers))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
