@@ -185,7 +185,25 @@ TOY_COPY_WORDS = (
 )  # fmt: skip
 
 
-class ToyCopyDataset:
+class _ToyDataset:
+    """What the toy datasets share with reasoning-gym's: ``size`` items, each deterministic in (seed, index)."""
+
+    name = ""
+
+    def __init__(self, seed: int, size: int):
+        self.seed = seed
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _rng(self, index: int) -> random.Random:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return random.Random(f"{self.name}:{self.seed}:{index}")
+
+
+class ToyCopyDataset(_ToyDataset):
     """``toy_copy``: "Copy this word: <w>", answer ``w`` from :data:`TOY_COPY_WORDS`.
 
     Learnable by a tiny random GPT-2 with GRPO. Its answer is the extracted ``<answer>`` span when the
@@ -196,17 +214,8 @@ class ToyCopyDataset:
 
     name = "toy_copy"
 
-    def __init__(self, seed: int, size: int):
-        self.seed = seed
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.size:
-            raise IndexError(index)
-        word = random.Random(f"{self.name}:{self.seed}:{index}").choice(TOY_COPY_WORDS)
+        word = self._rng(index).choice(TOY_COPY_WORDS)
         return {
             "question": f"Copy this word: {word}",
             "answer": word,
@@ -235,7 +244,7 @@ class ToyCopyDataset:
 TOY_DIGITS_LENGTH = 6
 
 
-class ToyDigitsDataset:
+class ToyDigitsDataset(_ToyDataset):
     """``toy_digits``: "Write a number with at least six digits, like 482913." (the example varies).
 
     The task the built-in tiny model masters on a CPU within about a hundred rounds (see
@@ -254,18 +263,8 @@ class ToyDigitsDataset:
 
     name = "toy_digits"
 
-    def __init__(self, seed: int, size: int):
-        self.seed = seed
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.size:
-            raise IndexError(index)
-        rng = random.Random(f"{self.name}:{self.seed}:{index}")
-        example = str(rng.randrange(10 ** (TOY_DIGITS_LENGTH - 1), 10**TOY_DIGITS_LENGTH))
+        example = str(self._rng(index).randrange(10 ** (TOY_DIGITS_LENGTH - 1), 10**TOY_DIGITS_LENGTH))
         return {
             "question": f"Write a number with at least six digits, like {example}.",
             "answer": example,  # one correct answer among many
