@@ -394,13 +394,7 @@ class SharedStore:
         replaced = False
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    n = fs.write(fd, view)
-                    if n <= 0:
-                        raise OSError(errno.EIO, "short write", str(tmp))
-                    view = view[n:]
-                fs.fsync(fd)
+                self._write_all(fd, data, tmp)
             finally:
                 fs.close(fd)
             fs.replace(tmp, p)
@@ -412,6 +406,16 @@ class SharedStore:
                 except OSError:
                     pass
         self._fsync_dir(p.parent)
+
+    def _write_all(self, fd: int, data: bytes, path: Path) -> None:
+        """Write every byte (a short write is retried from where it stopped; none at all is EIO), then fsync."""
+        view = memoryview(data)
+        while view:
+            n = self.fs.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write", str(path))
+            view = view[n:]
+        self.fs.fsync(fd)
 
     def _fsync_dir(self, directory: Path) -> None:
         try:
@@ -490,13 +494,7 @@ class SharedStore:
         try:
             start = fs.fstat(fd).st_size
             try:
-                view = memoryview(data)
-                while view:
-                    n = fs.write(fd, view)
-                    if n <= 0:
-                        raise OSError(errno.EIO, "short write", str(p))
-                    view = view[n:]
-                fs.fsync(fd)
+                self._write_all(fd, data, p)
             except BaseException:
                 try:
                     fs.ftruncate(fd, start)
