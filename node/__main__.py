@@ -56,7 +56,11 @@ def resolve_identity(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def pick_device(configured: str) -> str:
-    """``cpu`` or ``cuda:0``: $SWARM_DEVICE (set by the supervisor) wins, then the config."""
+    """``cpu`` or ``cuda:0``: $SWARM_DEVICE (set by the supervisor) wins, then the config.
+
+    ``cuda:0`` is the first visible device: the supervisor makes the one it chose the only one
+    (``CUDA_VISIBLE_DEVICES=<UUID>``); run by hand, it is the first of yours.
+    """
     import torch
 
     wanted = os.environ.get("SWARM_DEVICE") or configured
@@ -67,14 +71,53 @@ def pick_device(configured: str) -> str:
     return "cpu"
 
 
-def apply_memory_fraction(device: str) -> None:
-    """Cap this process's share of the GPU as planned by the supervisor ($SWARM_MEMORY_FRACTION)."""
-    fraction = os.environ.get("SWARM_MEMORY_FRACTION")
-    if device.startswith("cuda") and fraction:
-        import torch
+def memory_fraction_for(budget_bytes: int, device_total_bytes: int) -> float:
+    """The fraction torch needs to cap this process at ``budget_bytes``.
 
-        torch.cuda.set_per_process_memory_fraction(float(fraction), 0)
-        log.info("memory_fraction_set", fraction=float(fraction))
+    ``torch.cuda.set_per_process_memory_fraction`` multiplies by cudaMemGetInfo's total
+    (``torch.cuda.mem_get_info()[1]``), which is not NVML's total (the supervisor's plan): so the
+    supervisor passes bytes and the fraction is made here. Capped at 1.
+    """
+    if budget_bytes <= 0 or device_total_bytes <= 0:
+        raise ValueError(f"need positive byte counts, got budget {budget_bytes} of {device_total_bytes}")
+    return min(1.0, budget_bytes / device_total_bytes)
+
+
+def _positive_env(name: str, text: str, parse, upper: float | None = None):
+    try:
+        value = parse(text.strip())
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or (upper is not None and not value <= upper):  # NaN fails too
+        bound = f"a number in (0, {upper:g}]" if upper is not None else "a positive integer (bytes)"
+        raise ConfigError(name, f"must be {bound}, got {text!r}")
+    return value
+
+
+def apply_memory_fraction(device: str, environ=None) -> float | None:
+    """Cap this process's share of the GPU as the supervisor planned it; the fraction applied, or None.
+
+    $SWARM_MEMORY_BYTES (the per-worker byte budget) wins; $SWARM_MEMORY_FRACTION, from an older
+    supervisor, is applied as it is. Neither set, or not on CUDA: nothing to do.
+    """
+    env = os.environ if environ is None else environ
+    budget, legacy = env.get("SWARM_MEMORY_BYTES"), env.get("SWARM_MEMORY_FRACTION")
+    if not device.startswith("cuda") or not (budget or legacy):
+        return None
+    import torch
+
+    index = torch.device(device).index or 0
+    if budget:
+        budget_bytes = _positive_env("SWARM_MEMORY_BYTES", budget, int)
+        total = int(torch.cuda.mem_get_info(index)[1])
+        fraction = memory_fraction_for(budget_bytes, total)
+        log.info("memory_fraction_set", fraction=round(fraction, 6), budget_bytes=budget_bytes,
+                 cuda_total_bytes=total, detail=f"{budget_bytes / 2**30:.2f} GiB of {total / 2**30:.2f} GiB")
+    else:
+        fraction = _positive_env("SWARM_MEMORY_FRACTION", legacy, float, upper=1.0)
+        log.info("memory_fraction_set", fraction=fraction, source="SWARM_MEMORY_FRACTION")
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
 
 
 def main(argv=None) -> int:
