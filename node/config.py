@@ -28,6 +28,18 @@ def plain_name_problem(value: str) -> str | None:
     return None
 
 
+_GPU_UUID = re.compile(r"^(GPU|MIG)-[0-9A-Za-z][0-9A-Za-z/-]*$")
+
+
+def _gpu_problem(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return None
+    if isinstance(value, str) and (re.fullmatch(r"[0-9]+", value) or _GPU_UUID.match(value)):
+        return None
+    return ("must be auto, a GPU index (0, 1, ... in PCI bus order, as nvidia-smi numbers them) or a UUID "
+            f"from `nvidia-smi -L` (GPU-... or MIG-...); got {value!r}")
+
+
 def _memory_fraction_problem(value: Any) -> str | None:
     if value == "auto":
         return None
@@ -122,10 +134,16 @@ class SupervisorSection:
     """Process lifecycle: how many workers, on which device, how they are watched and restarted."""
 
     workers: int = option(4, "number of training workers (plus one coordinator)", min=1, max=64)
-    device: str = option("auto", "auto = cuda:0 when NVML sees a GPU, else cpu", choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", "auto = the GPU (see gpu) when NVML sees one, else cpu",
+                         choices=("auto", "cpu", "cuda"))
+    gpu: int | str = option("auto", "the GPU the workers share: auto = the first entry of an inherited "
+                            "CUDA_VISIBLE_DEVICES, else GPU 0; or an NVML index (PCI bus order, as nvidia-smi "
+                            "numbers them) or a UUID from `nvidia-smi -L` (GPU-... or MIG-...); wins over "
+                            "CUDA_VISIBLE_DEVICES", check=_gpu_problem)
     memory_fraction: float | str = option("auto", "per-worker share of GPU memory, or auto",
                                           check=_memory_fraction_problem)
-    cuda_context_margin_gb: float = option(0.5, "GPU memory each process needs beyond its fraction", min=0.0)
+    cuda_context_margin_gb: float = option(1.0, "GPU memory (GiB) each worker's CUDA context needs beyond its "
+                                           "fraction (0.6-0.85 GiB measured on an H200)", min=0.0)
     heartbeat_interval_s: float = option(5.0, "how often nodes heartbeat", gt=0.0)
     heartbeat_timeout_s: float = option(300.0, "a node silent this long is hung: killed and restarted", gt=0.0)
     startup_timeout_s: float = option(600.0, "longest wait for a new node's first heartbeat", gt=0.0)
