@@ -208,7 +208,7 @@ def render_status(st: dict | None, *, running_pid: int | None, runtime_dir: Path
               "LAST EXIT")
     rows = []
     for name, n in (st.get("nodes") or {}).items():
-        gpu_mem = fmt_bytes(n.get("gpu_bytes"))
+        gpu_mem = "?" if n.get("gpu_unknown") else fmt_bytes(n.get("gpu_bytes"))  # unknown is never 0
         if n.get("gpu_budget_bytes"):
             gpu_mem += f"/{fmt_bytes(n['gpu_budget_bytes'])}"
         if n.get("over_budget"):
@@ -245,6 +245,10 @@ def render_status(st: dict | None, *, running_pid: int | None, runtime_dir: Path
             out.append(f"  last log lines ({n.get('logs', {}).get('stderr', 'stderr')}):")
             for line in tail[-8:]:
                 out.extend("    " + part for part in render_log_line(line).splitlines()[:6])
+    if any(n.get("gpu_unknown") for n in (st.get("nodes") or {}).values()):
+        out.append("")
+        out.append("GPU MEM ?: NVML does not report this process's memory here (MIG, some containers, or it "
+                   "cannot list the processes); the budget is not checked")
     if st.get("over_budget"):
         out.append("")
         out.append("over GPU memory budget: " + ", ".join(st["over_budget"]))

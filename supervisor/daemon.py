@@ -15,9 +15,13 @@ in this order:
    heartbeat within ``startup_timeout_s``, is hung: SIGKILL its group, then restart it;
 4. spawns, one start-up at a time (the coordinator, then each worker once the previous one heartbeats or
    gave up; simultaneous CUDA start-ups fail), a killed GPU worker only once NVML no longer lists it
-   (bounded by ``gpu_release_timeout_s``);
+   (bounded by ``gpu_release_timeout_s``; a process list NVML cannot read waits the whole bound);
 5. every ``monitor_interval_s``: psutil RSS/CPU and NVML memory per node (container PIDs mapped through
-   NSpid), the over-budget flag, the status file, sd_notify.
+   NSpid; memory NVML does not report stays unknown, never 0), the over-budget flag, the status file,
+   sd_notify.
+
+The device: :func:`plan_launch` resolves ``supervisor.gpu`` / an inherited ``CUDA_VISIBLE_DEVICES`` to one
+GPU or MIG instance by UUID; GPU workers get ``CUDA_VISIBLE_DEVICES=<that UUID>``, the coordinator none.
 
 The OS (:class:`supervisor.procs.RealOS` / ``FakeOS``) and the GPU (:func:`supervisor.gpu.open_gpu` /
 ``FakeGpu``) are injected, so state-machine tests run on scripted histories. :meth:`Supervisor.run` is the
@@ -47,9 +51,10 @@ import structlog
 from node.heartbeat import HeartbeatRecord, default_runtime_dir, heartbeat_path, read_heartbeat
 from node.layout import ExperimentLayout
 from node.schemas import RoundState
+from sapo.config import ConfigError
 from supervisor import procs
-from supervisor.gpu import GpuInfo, GpuPlan, PlanError, match_gpu_processes, nvml_pids_for, open_gpu, plan_memory, \
-    wait_gpu_released
+from supervisor.gpu import GpuDevice, GpuInfo, GpuPlan, NoSuchGpu, PlanError, Release, match_gpu_processes, \
+    nvml_pids_for, open_gpu, plan_memory, requested_gpu, wait_gpu_released
 from supervisor.sdnotify import SdNotifier, child_env
 from supervisor.states import (
     TERMINAL_STATES, ExitInfo, NodeState, NodeStatus, RestartPolicy, change_state,
@@ -203,11 +208,13 @@ def read_status(paths: RuntimePaths) -> dict | None:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """Where the workers run: ``cpu``, or ``cuda`` with a memory plan for the device."""
+    """Where the workers run: ``cpu``, or ``cuda`` on one GPU (or MIG instance) with a memory plan for it."""
 
     device: str
     gpu_plan: GpuPlan | None
     why: str  # one line: how the device was chosen
+    gpu_device: GpuDevice | None = None
+    notes: tuple[str, ...] = ()  # worth a warning at launch (e.g. supervisor.gpu overrode CUDA_VISIBLE_DEVICES)
 
     def describe(self) -> str:
         if self.gpu_plan is None:
@@ -218,22 +225,66 @@ class LaunchPlan:
         plan = dataclasses.asdict(self.gpu_plan) if self.gpu_plan else None
         if plan is not None:
             plan["budget_bytes_per_worker"] = self.gpu_plan.budget_bytes()
-        return {"device": self.device, "why": self.why, "gpu_plan": plan, "describe": self.describe()}
+        return {"device": self.device, "why": self.why, "gpu_plan": plan, "describe": self.describe(),
+                "gpu_device": dataclasses.asdict(self.gpu_device) if self.gpu_device else None,
+                "notes": list(self.notes)}
 
 
-def plan_launch(config, gpu: GpuInfo | None) -> LaunchPlan:
-    """Choose the device and share the GPU among the workers; :class:`PlanError` when impossible."""
+def plan_launch(config, gpu: GpuInfo | None, environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Choose the device and share its memory among the workers.
+
+    The device: ``supervisor.gpu``, else the first entry of ``environ``'s ``CUDA_VISIBLE_DEVICES``, else
+    GPU 0 (see :func:`supervisor.gpu.requested_gpu`), looked up in NVML; a MIG instance is planned with
+    its own memory. :class:`~sapo.config.ConfigError` naming the setting when that device does not
+    exist, :class:`PlanError` when the plan cannot fit.
+    """
     sv = config.supervisor
+    environ = os.environ if environ is None else environ
     if sv.device == "cpu":
         return LaunchPlan("cpu", None, "supervisor.device is cpu")
+    request = requested_gpu(sv.gpu, environ)
+    if request.spec is None:
+        hidden = f"CUDA_VISIBLE_DEVICES={request.inherited!r} hides every GPU"
+        if sv.device == "cuda":
+            raise PlanError(f"supervisor.device is 'cuda' but {hidden}; unset it, or choose one with "
+                            f"--set supervisor.gpu=INDEX|UUID")
+        return LaunchPlan("cpu", None, f"supervisor.device is auto and {hidden}")
     if gpu is None:
         if sv.device == "cuda":
             raise PlanError("supervisor.device is 'cuda' but no usable GPU was found (NVML unavailable or no "
                             "device); use --set supervisor.device=cpu (or auto) to run on the CPU")
         return LaunchPlan("cpu", None, "supervisor.device is auto and no GPU was found")
-    total = gpu.total_memory_bytes(0)
-    plan = plan_memory(total, sv.workers, sv.memory_fraction, sv.cuda_context_margin_gb)
-    return LaunchPlan("cuda", plan, f"supervisor.device is {sv.device}, GPU 0 found")
+    device = _lookup(gpu, request.spec, request.field)
+    plan = plan_memory(device.total_bytes, sv.workers, sv.memory_fraction, sv.cuda_context_margin_gb)
+    notes = []
+    if request.source == "supervisor.gpu" and request.inherited is not None:
+        notes.extend(_overridden(gpu, device, request.inherited))
+    return LaunchPlan("cuda", plan, f"{request.describe()}: {device.describe()}", gpu_device=device,
+                      notes=tuple(notes))
+
+
+def _lookup(gpu: GpuInfo, spec: str, field_name: str) -> GpuDevice:
+    try:
+        return gpu.device(spec)
+    except NoSuchGpu as err:
+        raise ConfigError(field_name, f"{err}") from None
+    except Exception as err:  # noqa: BLE001 - an NVML failure while reading the device: one line, no traceback
+        raise PlanError(f"cannot read GPU {spec} ({field_name}) from NVML: {type(err).__name__}: {err}") from None
+
+
+def _overridden(gpu: GpuInfo, chosen: GpuDevice, inherited: str) -> list[str]:
+    """A note when supervisor.gpu and an inherited CUDA_VISIBLE_DEVICES name different devices."""
+    first = inherited.split(",")[0].strip()
+    other = None
+    if first and not first.startswith("-"):
+        try:
+            other = gpu.device(first).uuid
+        except Exception:  # noqa: BLE001 - a device NVML does not know differs from ours
+            other = None
+    if other == chosen.uuid:
+        return []
+    return [f"supervisor.gpu wins over the inherited CUDA_VISIBLE_DEVICES={inherited!r}: "
+            f"the workers use {chosen.uuid}"]
 
 
 # --------------------------------------------------------------------------- one node
@@ -252,7 +303,8 @@ class ManagedNode:
     stop_requested: bool = False  # we asked it to stop (SIGTERM), so its exit is not a failure
     kill_sent: bool = False  # SIGKILL sent after the stop deadline
     heartbeat: HeartbeatRecord | None = None
-    gpu_bytes: int | None = None
+    gpu_bytes: int | None = None  # None: not listed by NVML, or listed with unknown memory (gpu_unknown)
+    gpu_unknown: bool = False  # on the GPU but NVML does not say how much it holds: shown as "?"
     rss_bytes: int | None = None
     cpu_percent: float | None = None
     over_budget: bool = False
@@ -343,6 +395,8 @@ class Supervisor:
         self._last_status_line: str | None = None
         self._round_state: RoundState | None = None
         self._gpu_util: int | None = None
+        self._gpu_readable: bool | None = None  # could NVML list the device's processes last time?
+        self._gpu_monitor_error: str | None = None
         self._events: list[subprocess.Popen] = []
         self._lock: filelock.BaseFileLock | None = None
         self._self_proc: psutil.Process | None = None
@@ -352,19 +406,28 @@ class Supervisor:
     # ------------------------------------------------------------------ setup
 
     def prepare(self) -> LaunchPlan:
-        """Open NVML (unless injected), choose the device, plan GPU memory; :class:`PlanError` when impossible."""
+        """Open NVML (unless injected), choose the device, plan GPU memory.
+
+        :class:`PlanError` when the plan is impossible, :class:`~sapo.config.ConfigError` when the chosen
+        device does not exist; either way NVML is closed again.
+        """
         if self.launch is not None:
             return self.launch
         if self._gpu_arg is _AUTO:
             self.gpu = open_gpu(self.log) if self.sv.device != "cpu" else None
             self._own_gpu = self.gpu is not None
         try:
-            self.launch = plan_launch(self.config, self.gpu)
-        except PlanError:
+            self.launch = plan_launch(self.config, self.gpu, self.environ)
+        except BaseException:  # PlanError, ConfigError (no such device), or worse
             self.close_gpu()
             raise
-        self.log.info("gpu_plan", device=self.launch.device, plan=self.launch.describe(),
-                      workers=self.sv.workers)
+        chosen = self.launch.gpu_device
+        self.log.info("gpu_plan", device=self.launch.device, plan=self.launch.describe(), workers=self.sv.workers,
+                      gpu_uuid=chosen.uuid if chosen else None)
+        for note in self.launch.notes:
+            self.log.warning("gpu_choice", detail=note)
+        if self.launch.gpu_device is None:
+            self.close_gpu()  # running on the CPU (e.g. CUDA_VISIBLE_DEVICES hides the GPUs): nothing to watch
         return self.launch
 
     def close_gpu(self) -> None:
@@ -421,14 +484,18 @@ class Supervisor:
         device = self.launch.device if self.launch else "cpu"
         env.update(NODE_ROLE=node.role, NODE_ID=node.name, SWARM_RUNTIME_DIR=str(self.paths.root))
         env.pop("SWARM_MEMORY_FRACTION", None)
+        env.pop("SWARM_MEMORY_BYTES", None)
         if node.role == "coordinator" or device != "cuda":
             env["SWARM_DEVICE"] = "cpu" if node.role == "coordinator" else device
             env["CUDA_VISIBLE_DEVICES"] = ""
         else:
+            assert self.launch is not None and self.launch.gpu_plan is not None and self.launch.gpu_device
             env["SWARM_DEVICE"] = "cuda"
-            env["CUDA_VISIBLE_DEVICES"] = "0"
-            assert self.launch is not None and self.launch.gpu_plan is not None
-            env["SWARM_MEMORY_FRACTION"] = repr(float(self.launch.gpu_plan.fraction))
+            # A UUID names one device whatever CUDA's order; PCI_BUS_ID makes any index agree with nvidia-smi.
+            env["CUDA_VISIBLE_DEVICES"] = self.launch.gpu_device.uuid
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            # Bytes, not a fraction: torch applies its fraction to cudaMemGetInfo's total, not NVML's.
+            env["SWARM_MEMORY_BYTES"] = str(int(self.launch.gpu_plan.bytes_per_worker))
         if env["SWARM_DEVICE"] == "cpu" and "OMP_NUM_THREADS" not in self.environ:
             # torch gives every process one thread per core: N CPU workers would oversubscribe the cores
             # (measured: a 2-worker CPU swarm on 2 cores ran 9x slower). Share them; the coordinator needs one.
@@ -510,6 +577,7 @@ class Supervisor:
         node.proc = None
         node.psproc = None
         node.rss_bytes = node.cpu_percent = node.gpu_bytes = None
+        node.gpu_unknown = False
         if info.is_failure or info.reason == "config_error":
             node.log_tail = [line[:400] for line in tail.splitlines()[-15:]]
         emit = self.log.info if not info.is_failure else self.log.warning
@@ -606,16 +674,15 @@ class Supervisor:
                 return
 
     def _gpu_released(self, node: ManagedNode, now: float) -> bool:
-        """True once NVML no longer lists the node's old pid (or the wait passed its bound)."""
-        if self.gpu is None or not node.nvml_pids or self.launch is None or self.launch.device != "cuda" \
+        """True once NVML no longer lists the node's old pid, or the wait passed its bound.
+
+        A process list NVML cannot read is not "released": the wait then lasts ``gpu_release_timeout_s``.
+        """
+        if self.gpu is None or not node.nvml_pids or self.launch is None or self.launch.gpu_device is None \
                 or node.role != "worker":
             return True
-        try:
-            released = wait_gpu_released(self.gpu, node.nvml_pids, timeout_s=0.0)
-        except Exception as err:  # noqa: BLE001 - a monitoring failure must not block restarts
-            self.log.warning("gpu_release_check_failed", node=node.name, error=str(err))
-            released = True
-        if released:
+        found = wait_gpu_released(self.gpu, self.launch.gpu_device, node.nvml_pids, timeout_s=0.0)
+        if found is Release.RELEASED:
             if node.gpu_wait_since is not None:
                 self.log.info("gpu_released", node=node.name, waited_s=round(now - node.gpu_wait_since, 3))
             node.gpu_wait_since = None
@@ -623,13 +690,15 @@ class Supervisor:
             return True
         if node.gpu_wait_since is None:
             node.gpu_wait_since = now
-            self.log.info("gpu_wait_release", node=node.name, pids=node.nvml_pids,
+            self.log.info("gpu_wait_release", node=node.name, pids=node.nvml_pids, listing=found.value,
                           timeout_s=self.gpu_release_timeout_s)
             return False
         if now - node.gpu_wait_since >= self.gpu_release_timeout_s:
-            self.log.warning("gpu_not_released", node=node.name, pids=node.nvml_pids,
+            why = ("NVML cannot list the device's processes, so their release cannot be seen"
+                   if found is Release.UNKNOWN else "NVML still lists it")
+            self.log.warning("gpu_not_released", node=node.name, pids=node.nvml_pids, listing=found.value,
                              waited_s=round(now - node.gpu_wait_since, 3),
-                             detail="respawning anyway; it may run out of GPU memory")
+                             detail=f"{why}; respawning anyway; it may run out of GPU memory")
             node.gpu_wait_since = None
             node.nvml_pids = []
             return True
@@ -665,7 +734,7 @@ class Supervisor:
         node.hung_detail, node.stop_requested, node.kill_sent = None, False, False
         node.heartbeat, node.psproc, node.gpu_wait_since = None, None, None
         node.over_budget = False
-        if self.launch is not None and self.launch.device == "cuda" and node.role == "worker":
+        if self.launch is not None and self.launch.gpu_device is not None and node.role == "worker":
             node.nvml_pids = nvml_pids_for(proc.pid, self.proc_root)  # NVML's view, kept for after its death
         change_state(st, S.STARTING, reason=f"restart #{st.restarts}" if restart else "launch", now=now,
                      log=self.log)
@@ -772,23 +841,32 @@ class Supervisor:
             node.rss_bytes = node.cpu_percent = None
 
     def _sample_gpu(self) -> None:
-        try:
-            listed = [gp for i in range(self.gpu.device_count()) for gp in self.gpu.processes(i)]
-            self._gpu_util = self.gpu.utilization(0)
-        except Exception as err:  # noqa: BLE001 - monitoring never takes the supervisor down
-            self.log.warning("gpu_monitor_failed", error=str(err))
+        device = self.launch.gpu_device if self.launch else None
+        if device is None:
             return
+        try:
+            listed = self.gpu.processes(device)
+            self._gpu_util = self.gpu.utilization(device)
+        except Exception as err:  # noqa: BLE001 - monitoring never takes the supervisor down
+            if str(err) != self._gpu_monitor_error:  # once per kind of failure, not every tick
+                self._gpu_monitor_error = str(err)
+                self.log.warning("gpu_monitor_failed", error=str(err))
+            listed = None
+        self._gpu_readable = listed is not None
         live = {n.proc.pid: n for n in self.nodes.values() if n.proc is not None}
-        used = match_gpu_processes(live, listed, proc_root=self.proc_root)
+        used = match_gpu_processes(live, listed or [], proc_root=self.proc_root)
         budget = self.launch.gpu_plan.budget_bytes() if self.launch and self.launch.gpu_plan else None
         for pid, node in live.items():
+            on_gpu = node.role == "worker"
             node.gpu_bytes = used.get(pid)
-            over = bool(budget and node.role == "worker" and node.gpu_bytes is not None and node.gpu_bytes > budget)
+            # Unknown: listed without a figure, or a worker when the list itself cannot be read. Never 0.
+            node.gpu_unknown = (pid in used and node.gpu_bytes is None) or (listed is None and on_gpu)
+            over = bool(budget and on_gpu and node.gpu_bytes is not None and node.gpu_bytes > budget)
             if over and not node.over_budget:
                 self.log.warning("node_over_budget", node=node.name, pid=pid, gpu_bytes=node.gpu_bytes,
                                  budget_bytes=budget, detail=f"{node.gpu_bytes / 2**30:.2f} GiB used > "
                                  f"{budget / 2**30:.2f} GiB planned (fraction + CUDA context)")
-            elif node.over_budget and not over:
+            elif node.over_budget and not over and node.gpu_bytes is not None:
                 self.log.info("node_within_budget", node=node.name, pid=pid, gpu_bytes=node.gpu_bytes)
             node.over_budget = over
 
@@ -922,7 +1000,7 @@ class Supervisor:
                 phase=hb.phase if hb else None,
                 round=hb.round if hb else None,
                 node_status=hb.status if hb else None,
-                rss_bytes=n.rss_bytes, cpu_percent=n.cpu_percent, gpu_bytes=n.gpu_bytes,
+                rss_bytes=n.rss_bytes, cpu_percent=n.cpu_percent, gpu_bytes=n.gpu_bytes, gpu_unknown=n.gpu_unknown,
                 gpu_budget_bytes=budget if n.role == "worker" else None, over_budget=n.over_budget,
                 reward=n.reward, log_tail=list(n.log_tail),
                 waiting_for_gpu_release=n.gpu_wait_since is not None,
@@ -944,7 +1022,9 @@ class Supervisor:
             "runtime_dir": str(self.paths.root),
             "workers": self.sv.workers,
             "launch": self.launch.to_dict() if self.launch else None,
-            "gpu": {"available": self.gpu is not None, "utilization": self._gpu_util},
+            "gpu": {"available": self.gpu is not None, "utilization": self._gpu_util,
+                    "device": dataclasses.asdict(self.launch.gpu_device) if self.launch and self.launch.gpu_device
+                    else None, "processes_readable": self._gpu_readable},
             "round": self._current_round(),
             "max_rounds": self.config.experiment.max_rounds,
             "finished": bool(rs.finished) if rs else False,

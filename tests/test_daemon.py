@@ -115,6 +115,8 @@ def test_staggered_start_one_node_at_a_time_with_the_contract(tmp_path):
     assert coord.env["NODE_ROLE"] == "coordinator" and coord.env["CUDA_VISIBLE_DEVICES"] == ""
     assert w1.env["NODE_ID"] == "worker_1" and w1.env["SWARM_DEVICE"] == "cpu"
     assert w1.env["SWARM_RUNTIME_DIR"] == str(tmp_path / "rt") and "SWARM_MEMORY_FRACTION" not in w1.env
+    assert w1.env["CUDA_VISIBLE_DEVICES"] == "" and "SWARM_MEMORY_BYTES" not in w1.env
+    assert "CUDA_DEVICE_ORDER" not in w1.env  # a CPU worker needs no device order
     assert [kw["node"] for kw in log.named("node_spawned")] == ["coordinator", "worker_1", "worker_2"]
 
 
