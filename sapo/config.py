@@ -222,10 +222,21 @@ DEFAULT_TASKS = tuple(
 )
 
 
+# Padded tokens per forward/backward on CUDA: two worst-case GPT-2 rows (768-token prompt + 256 new tokens), or
+# ~5 typical ones; GPT-2 small's activations for them stay well under 1 GB in bfloat16 (docs/PERFORMANCE.md).
+AUTO_CUDA_MICRO_BATCH_TOKENS = 2048
+
+
 def _auto_or_bool(value: Any) -> str | None:
     if isinstance(value, bool) or value == "auto":
         return None
     return f"must be true, false or 'auto'; got {value!r}"
+
+
+def _auto_or_count(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return None
+    return f"must be 'auto' or an integer >= 0; got {value!r}"
 
 
 def _unique_tasks(tasks: tuple) -> str | None:
@@ -258,12 +269,22 @@ class SapoConfig:
     clip_eps_high: float = option(0.28, "upper PPO clip: ratio <= 1 + eps_high", min=0.0)
     optimizer_steps_per_round: int = option(1, "policy-gradient steps on each round's batch", min=1)
     micro_batch_size: int = option(
-        0, "sequences per forward/backward; 0 = all (I+J)*G at once, with gradient accumulation otherwise", min=0
+        0, "most sequences per forward/backward (gradients accumulate across micro-batches); 0 = no row limit",
+        min=0,
+    )
+    micro_batch_tokens: int | str = option(
+        "auto", "most padded tokens (rows x longest row) per forward/backward, so activation memory is bounded "
+        "whatever the prompt lengths; 0 = no limit; auto = 2048 on CUDA, no limit on a CPU", check=_auto_or_count
+    )
+    oom_regrow_rounds: int = option(
+        50, "after an out-of-memory halving, rounds without one before the micro-batch (or generate chunk) "
+        "doubles back towards the configured size; 0 = never", min=0
     )
     format_reward: float = option(0.0, "bonus for a well-formed <answer>...</answer> span (0 = off)", min=0.0)
-    compile_generate: bool = option(
-        False, "sample with a static KV cache sized max_prompt_tokens + max_new_tokens, so that transformers "
-        "compiles the decoding step with torch.compile (CUDA only; on a CPU only the static cache applies)"
+    compile_generate: bool | str = option(
+        "auto", "sample with one reused static KV cache sized max_prompt_tokens + max_new_tokens, so that "
+        "transformers compiles the decoding step with torch.compile (CUDA graphs); auto = on for CUDA, off for "
+        "a CPU (where only the static cache would apply)", check=_auto_or_bool
     )
     warmup: bool | str = option(
         "auto", "before the first round, one worst-case generate + loss/backward (no optimizer step), so an "
@@ -275,3 +296,14 @@ class SapoConfig:
 
     def __post_init__(self):
         check_fields(self)
+
+    def resolved(self, device_type: str) -> "SapoConfig":
+        """This config with every ``auto`` decided for a device type ("cuda", "cpu", ...)."""
+        cuda = device_type == "cuda"
+        return dataclasses.replace(
+            self,
+            micro_batch_tokens=(AUTO_CUDA_MICRO_BATCH_TOKENS if cuda else 0) if self.micro_batch_tokens == "auto"
+            else self.micro_batch_tokens,
+            compile_generate=cuda if self.compile_generate == "auto" else self.compile_generate,
+            warmup=cuda if self.warmup == "auto" else self.warmup,
+        )

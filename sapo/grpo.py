@@ -67,12 +67,15 @@ def clipped_policy_loss(
 ) -> LossParts:
     """The GRPO surrogate over completion tokens.
 
-    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). ``normalizer`` is the number of completion
+    logp, old_logp, ref_logp, mask: (N, T) with advantages (N,) (one per row), or all of them flat (K,)
+    with one advantage per token (what :func:`sapo.batch.completion_log_probs` gives). ``normalizer`` is the number of completion
     tokens the mean is taken over (defaults to this batch's; pass the whole batch's when micro-batching).
     """
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)  # (N, T)
-    adv = advantages.to(logp.dtype)[:, None]  # (N, 1)
+    adv = advantages.to(logp.dtype)
+    if adv.dim() < logp.dim():
+        adv = adv[:, None]  # (N, 1): one advantage per row
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)  # (N, T)

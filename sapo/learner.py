@@ -19,10 +19,19 @@ import time
 from dataclasses import dataclass, field
 import torch
 
-from sapo.batch import TrainBatch, build_batch, completion_log_probs
+from sapo.batch import (
+    TrainBatch,
+    build_batch,
+    completion_log_probs,
+    head_split_matches,
+    padded_tokens,
+    plan_micro_batches,
+    predicted_positions,
+    token_advantages,
+)
 from sapo.config import SapoConfig
 from sapo.grpo import clipped_policy_loss, ragged_group_advantages
-from sapo.rollouts import Group, encode_prompt, sample_completions
+from sapo.rollouts import Completion, Group, encode_prompt, make_static_cache, sample_completions
 from sapo.swarm import Selection, SharedGroup, rebuild_group, select_external
 from sapo.tasks import Question, TaskBank, build_prompt
 
@@ -38,8 +47,10 @@ class TrainStats:
     grad_norm: float = 0.0
     sequences: int = 0
     completion_tokens: int = 0
-    micro_batch_size: int = 0
+    micro_batch_size: int = 0  # rows of the largest micro-batch
+    micro_batch_tokens: int = 0  # padded tokens of the largest micro-batch
     optimizer_steps: int = 0
+    oom_halvings: int = 0  # out-of-memory retries with smaller micro-batches during this call
     skipped: str = ""  # why no step was taken (e.g. no group had signal)
     seconds: float = 0.0
 
@@ -52,6 +63,8 @@ class GenerateStats:
     prompt_tokens: int = 0
     generate_s: float = 0.0
     score_s: float = 0.0
+    calls: int = 1  # generate calls the prompts were split into (more after an out-of-memory)
+    oom_halvings: int = 0
     timings: dict = field(default_factory=dict)
 
 
@@ -65,7 +78,10 @@ class WarmupStats:
     new_tokens: int = 0  # per sequence
     generate_s: float = 0.0
     train_s: float = 0.0
-    micro_batch_size: int = 0  # after any out-of-memory halving
+    micro_batch_size: int = 0  # rows of the largest micro-batch, after any out-of-memory halving
+    micro_batch_tokens: int = 0
+    generate_calls: int = 1
+    oom_halvings: int = 0
     peak_bytes: int | None = None  # torch.cuda.max_memory_allocated() on CUDA
 
 
@@ -79,13 +95,27 @@ def _max_positions(model) -> int | None:
     return None
 
 
+# How libraries other than the caching allocator say they could not get memory (cuBLAS creating a handle
+# or workspace, cuDNN, cuFFT, cuSOLVER, cuSPARSE): each is a plain RuntimeError, not torch.OutOfMemoryError.
+_ALLOC_FAILURES = ("out of memory", "status_alloc_failed", "cufft_alloc_failed", "not_enough_workspace")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA (or MPS) ran out of memory; the step is retried with smaller micro-batches."""
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    """The device ran out of memory (the allocator, or a CUDA library's own allocation): worth a smaller retry."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(marker in text for marker in _ALLOC_FAILURES)
 
 
 class SapoLearner:
-    """A policy, its optimiser and the task bank; the algorithm side of one worker."""
+    """A policy, its optimiser and the task bank; the algorithm side of one worker.
+
+    ``config`` may hold ``auto`` values; they are decided here for the model's device (``self.config`` is
+    the resolved copy). Out-of-memory errors shrink the work instead of crashing: generate splits its
+    prompts over more calls, training uses smaller micro-batches; after ``oom_regrow_rounds`` clean
+    rounds the size doubles back towards the configured one.
+    """
 
     def __init__(self, model, tokenizer, config: SapoConfig, *, experiment_seed: int = 0, bank: TaskBank | None = None,
                  autocast: torch.dtype | None = None):
@@ -93,7 +123,7 @@ class SapoLearner:
         self.autocast_dtype = autocast  # forward passes under torch.autocast in this dtype (None = off)
         self.experiment_seed = experiment_seed
         self.tokenizer = tokenizer
-        self.config = config
+        self.config = config.resolved(self.device.type)
         self.bank = bank if bank is not None else TaskBank(config.tasks)
         # No dropout: the ratio old/new must compare the same function (TRL's GRPO disables it too).
         self.model.eval()
@@ -103,8 +133,16 @@ class SapoLearner:
         self.reference = None
         if config.kl_beta > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        self.micro_batch_size = config.micro_batch_size  # 0 = everything at once; may shrink after an OOM
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Logits for completion tokens only, through the output head in chunks, when the model is body + head.
+        self.split_head = head_split_matches(model)
+        # Micro-batch limits in force (the configured ones, shrunk after an out-of-memory error).
+        self.micro_rows = self.config.micro_batch_size  # 0 = no row limit
+        self.micro_tokens = self.config.micro_batch_tokens  # 0 = no token limit
+        self._tokens_ceiling = 0  # the plan that first failed with no token limit configured
+        self.generate_calls = 1  # generate calls a round's prompts are split into
+        self._clean_train = self._clean_generate = 0  # rounds since the last halving
+        self._static_caches: dict[int, object] = {}  # rows -> the KV cache reused by every compiled generate
 
     def autocast(self):
         """The mixed-precision context for forward passes (a no-op context when off)."""
@@ -114,6 +152,11 @@ class SapoLearner:
     def device(self) -> torch.device:
         """Where the policy's parameters live."""
         return next(self.model.parameters()).device
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per micro-batch in force (0 = no row limit); see also :attr:`micro_tokens`."""
+        return self.micro_rows
 
     # --- local groups -------------------------------------------------------------------------------
     def sample_questions(self, node_id: str, round_: int) -> list[Question]:
@@ -129,32 +172,58 @@ class SapoLearner:
         cfg = self.config
         prompts = [self.prompt_for(q.text) for q in questions]
         prompt_ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens) for p in prompts]
+        stats = GenerateStats()
         t0 = time.perf_counter()
-        with self.autocast():
-            sampled = sample_completions(
-                self.model,
-                self.tokenizer,
-                prompt_ids,
-                num_generations=cfg.num_generations,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                seed=seed,
-                static_cache_len=self.static_cache_len(),
-            )
+        sampled = self.sample(prompt_ids, seed=seed, new_tokens=cfg.max_new_tokens, stats=stats)
         t1 = time.perf_counter()
         groups = []
         for i, (question, prompt, ids, completions) in enumerate(zip(questions, prompts, prompt_ids, sampled)):
             rewards = [self.bank.score(question, c.text, cfg.format_reward) for c in completions]
             groups.append(Group(question, prompt, ids, completions, rewards, source=source, batch_id=str(i)))
         t2 = time.perf_counter()
-        stats = GenerateStats(
-            generated_tokens=sum(len(c.token_ids) for g in groups for c in g.completions),
-            prompt_tokens=sum(len(ids) for ids in prompt_ids) * cfg.num_generations,
-            generate_s=t1 - t0,
-            score_s=t2 - t1,
-        )
+        stats.generated_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
+        stats.prompt_tokens = sum(len(ids) for ids in prompt_ids) * cfg.num_generations
+        stats.generate_s, stats.score_s = t1 - t0, t2 - t1
         return groups, stats
+
+    def sample(self, prompt_ids: list[list[int]], *, seed: int | None, new_tokens: int,
+               stats: GenerateStats | None = None, min_new_tokens: int | None = None) -> list[list[Completion]]:
+        """G completions per prompt, in :attr:`generate_calls` calls; an out-of-memory error doubles the calls.
+
+        The RNG is seeded once per attempt, so a given number of calls always samples the same tokens.
+        """
+        stats = stats if stats is not None else GenerateStats()
+        cfg = self.config
+
+        def attempt():
+            per_call = -(-len(prompt_ids) // self.generate_calls)
+            out = []
+            with self.autocast():
+                for k, start in enumerate(range(0, len(prompt_ids), per_call)):
+                    chunk = prompt_ids[start:start + per_call]
+                    out += sample_completions(
+                        self.model, self.tokenizer, chunk, num_generations=cfg.num_generations,
+                        max_new_tokens=new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        seed=seed if k == 0 else None, cache=self._static_cache(len(chunk) * cfg.num_generations),
+                        min_new_tokens=min_new_tokens,
+                    )
+            return out
+
+        def shrink() -> bool:
+            if self.generate_calls >= len(prompt_ids):
+                return False  # one prompt's G completions per call already
+            self.generate_calls = min(len(prompt_ids), self.generate_calls * 2)
+            self._static_caches.clear()  # the old batch shape's cache would only hold memory
+            return True
+
+        sampled = self._retry_on_oom(attempt, shrink, stats)
+        stats.calls = self.generate_calls
+        self._clean_generate = 0 if stats.oom_halvings else self._clean_generate + 1
+        if self.generate_calls > 1 and self._regrow_due(self._clean_generate):
+            self.generate_calls //= 2
+            self._static_caches.clear()
+            self._clean_generate = 0
+        return sampled
 
     def static_cache_len(self) -> int | None:
         """KV-cache positions for ``sapo.compile_generate`` (None: the default dynamic cache).
@@ -169,16 +238,34 @@ class SapoLearner:
         limit = _max_positions(self.model)
         return min(length, limit) if limit else length
 
+    def _static_cache(self, rows: int):
+        """The KV cache for a generate of ``rows`` sequences: one object per batch size, reused every round.
+
+        transformers would build a new static cache per call; its tensors are marked as static addresses
+        for CUDA graphs, so new ones each round mean a re-recording per round, and torch stops re-recording
+        after a limit (128) and runs the step without graphs from then on. One cache, reset before each
+        use, keeps the addresses and the recorded graph.
+        """
+        length = self.static_cache_len()
+        if length is None:
+            return None
+        if rows not in self._static_caches:
+            self._static_caches[rows] = make_static_cache(self.model, rows, length)
+        return self._static_caches[rows]
+
     # --- start-up warm-up ---------------------------------------------------------------------------
     def warmup(self) -> WarmupStats:
         """Run the worst case of a round once, so that running out of memory happens now, not at round 500.
 
-        Generates I*G completions of exactly ``max_new_tokens`` from prompts of ``max_prompt_tokens``
-        (both cut to the model's positions), then one loss/backward over (I+J)*G such sequences (the J
-        external groups are copies of local ones) with the same micro-batching and out-of-memory fallback
-        as :meth:`train`; on CUDA it also holds Adam's two state tensors per parameter for a moment if
-        they do not exist yet, as the first real step will. Then the gradients are dropped: the optimizer
-        never steps, the weights do not change, and the caller's RNG state (CPU and CUDA) is restored.
+        Generates I*G completions of exactly ``max_new_tokens`` (cut to the model's positions) from
+        prompts of different lengths, the longest ``max_prompt_tokens``: a round's generate always pads, and
+        the compiled decoding step is traced for the padded case here rather than in round 0. Then one
+        loss/backward over (I+J)*G rows of the longest prompt plus a full completion (the J external
+        groups are copies of local ones) in the micro-batches a round would use, with the same
+        out-of-memory fallback as :meth:`train`; on CUDA it also holds Adam's two state tensors per
+        parameter for a moment if they do not exist yet, as the first real step will. Then the gradients
+        are dropped: the optimizer never steps, the weights do not change, and the caller's RNG state (CPU
+        and CUDA) is restored.
         """
         cfg = self.config
         stats = WarmupStats()
@@ -191,20 +278,19 @@ class SapoLearner:
         filler = "The quick brown fox jumps over the lazy dog; 12 + 34 = 46. "
         unit = [t for t in self.tokenizer(filler, add_special_tokens=False)["input_ids"] if t != self.pad_id]
         ids = (unit * (prompt_len // max(len(unit), 1) + 1))[:prompt_len]
+        # The longest prompt first, then shorter ones: left padding, as in every real round.
+        prompts = [ids[: max(1, prompt_len * (cfg.num_train_samples - k) // cfg.num_train_samples)]
+                   for k in range(cfg.num_train_samples)]
         stats.prompt_tokens, stats.new_tokens = len(ids), new_tokens
         cuda = self.device.type == "cuda"
         devices = [self.device.index or 0] if cuda else []
+        gen = GenerateStats()
         with torch.random.fork_rng(devices=devices):
             if cuda:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
-            with self.autocast():
-                sampled = sample_completions(
-                    self.model, self.tokenizer, [ids] * cfg.num_train_samples,
-                    num_generations=cfg.num_generations, max_new_tokens=new_tokens, temperature=cfg.temperature,
-                    top_p=cfg.top_p, seed=0, static_cache_len=self.static_cache_len(), min_new_tokens=new_tokens,
-                )
+            sampled = self.sample(prompts, seed=0, new_tokens=new_tokens, stats=gen, min_new_tokens=new_tokens)
             if cuda:
                 torch.cuda.synchronize(self.device)
             t1 = time.perf_counter()
@@ -216,12 +302,15 @@ class SapoLearner:
             batch = build_batch(groups, ragged_group_advantages([g.rewards for g in groups]), self.pad_id)
             batch = batch.to(self.device)
             total_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
-            self._step_with_oom_fallback(batch, None, total_tokens, TrainStats(), step=False)
+            train = TrainStats()
+            self._step_with_oom_fallback(batch, None, total_tokens, train, step=False)
             if cuda:
                 torch.cuda.synchronize(self.device)
             stats.train_s = time.perf_counter() - t1
             stats.sequences_trained = len(batch)
-        stats.micro_batch_size = self.micro_batch_size or len(batch)
+        stats.micro_batch_size, stats.micro_batch_tokens = train.micro_batch_size, train.micro_batch_tokens
+        stats.generate_calls = self.generate_calls
+        stats.oom_halvings = gen.oom_halvings + train.oom_halvings
         if cuda:
             stats.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
             del batch, groups, sampled
@@ -269,56 +358,90 @@ class SapoLearner:
         stats.completion_tokens = total_tokens
         old_logp = None
         if self.config.optimizer_steps_per_round > 1:
-            old_logp = self._batch_log_probs(batch)
+            old_logp = self._retry_on_oom(lambda: self._batch_log_probs(batch), lambda: self._shrink(batch), stats)
         for _ in range(self.config.optimizer_steps_per_round):
             self._step_with_oom_fallback(batch, old_logp, total_tokens, stats)
-        stats.micro_batch_size = self.micro_batch_size or len(batch)
+        self._clean_train = 0 if stats.oom_halvings else self._clean_train + 1
+        if self._regrow_due(self._clean_train) and self.micro_tokens != self.config.micro_batch_tokens:
+            self._grow_back()
         stats.seconds = time.perf_counter() - t0
         return stats
 
+    def _plan(self, batch: TrainBatch) -> list[tuple[int, int]]:
+        return plan_micro_batches(batch.lengths, max_rows=self.micro_rows, max_tokens=self.micro_tokens)
+
+    def _shrink(self, batch: TrainBatch) -> bool:
+        """Halve the largest micro-batch of ``batch``'s plan; False when every micro-batch is one row."""
+        lengths, ranges = batch.lengths, self._plan(batch)
+        if all(stop - start == 1 for start, stop in ranges):
+            return False
+        largest = padded_tokens(lengths, ranges)
+        if not self.micro_tokens:
+            self._tokens_ceiling = largest
+        self.micro_tokens = max(1, largest // 2)
+        return True
+
+    def _grow_back(self) -> None:
+        configured = self.config.micro_batch_tokens
+        grown = self.micro_tokens * 2
+        if (configured and grown >= configured) or (not configured and grown >= self._tokens_ceiling):
+            grown = configured
+        self.micro_tokens = grown
+        self._clean_train = 0
+
+    def _regrow_due(self, clean_rounds: int) -> bool:
+        every = self.config.oom_regrow_rounds
+        return every > 0 and clean_rounds >= every
+
+    def _retry_on_oom(self, attempt, shrink, stats):
+        """``attempt()``; on an out-of-memory error, ``shrink()`` and again until it returns False (then raise)."""
+        while True:
+            try:
+                return attempt()
+            except RuntimeError as err:  # torch.OutOfMemoryError is one
+                if not is_out_of_memory(err) or not shrink():
+                    raise
+            # Out of the except block, the failed attempt's frames and tensors are gone: give them back.
+            stats.oom_halvings += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     @torch.no_grad()
-    def _batch_log_probs(self, batch: TrainBatch) -> list[torch.Tensor]:
-        size = self.micro_batch_size or len(batch)
+    def _batch_log_probs(self, batch: TrainBatch) -> torch.Tensor:
+        """(K,) log-probs of every completion token under the current policy (the multi-step path's old policy)."""
         with self.autocast():
-            return [
-                completion_log_probs(self.model, batch.rows(i, i + size), self.config.temperature)[0]
-                for i in range(0, len(batch), size)
-            ]
+            parts = [completion_log_probs(self.model, batch.rows(a, b), self.config.temperature,
+                                          split_head=self.split_head) for a, b in self._plan(batch)]
+        return torch.cat(parts)
 
     def _step_with_oom_fallback(self, batch: TrainBatch, old_logp, total_tokens: int, stats: TrainStats,
                                 step: bool = True) -> None:
-        while True:
-            try:
-                self._step(batch, old_logp, total_tokens, stats, step=step)
-                return
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                size = self.micro_batch_size or len(batch)
-                if not is_out_of_memory(err) or size <= 1 or old_logp is not None:
-                    raise
-                self.optimizer.zero_grad(set_to_none=True)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                self.micro_batch_size = max(1, size // 2)
+        self._retry_on_oom(lambda: self._step(batch, old_logp, total_tokens, stats, step=step),
+                           lambda: self._shrink(batch), stats)
 
-    def _step(self, batch: TrainBatch, old_logp: list[torch.Tensor] | None, total_tokens: int, stats: TrainStats,
+    def _step(self, batch: TrainBatch, old_logp: torch.Tensor | None, total_tokens: int, stats: TrainStats,
               step: bool = True) -> None:
         """Forward/backward over the micro-batches, then one optimizer step (``step=False``: the warm-up's
         dry run, which drops the gradients instead)."""
         cfg = self.config
-        size = self.micro_batch_size or len(batch)
+        ranges = self._plan(batch)
+        mask, _ = predicted_positions(batch)
+        offsets = [0] + torch.cumsum(mask.sum(dim=1), 0).tolist()  # row -> first of its tokens in old_logp
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = pg_sum = kl_sum = clip_weighted = 0.0
-        for k, start in enumerate(range(0, len(batch), size)):
-            micro = batch.rows(start, start + size)
+        for start, stop in ranges:
+            micro = batch.rows(start, stop)
             with self.autocast():  # forward only; backward runs outside, as torch.autocast wants
-                logp, mask = completion_log_probs(self.model, micro, cfg.temperature)  # (n, t), float32
+                logp = completion_log_probs(self.model, micro, cfg.temperature, split_head=self.split_head)  # (k,)
                 ref_logp = None
                 if self.reference is not None:
                     with torch.no_grad():
-                        ref_logp, _ = completion_log_probs(self.reference, micro, cfg.temperature)
-            old = old_logp[k] if old_logp is not None else logp.detach()
+                        ref_logp = completion_log_probs(self.reference, micro, cfg.temperature,
+                                                        split_head=self.split_head)
+            old = old_logp[offsets[start]:offsets[stop]] if old_logp is not None else logp.detach()
             parts = clipped_policy_loss(
-                logp, old, micro.advantages, mask,
+                logp, old, token_advantages(micro), torch.ones_like(logp),
                 eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high,
                 ref_logp=ref_logp, beta=cfg.kl_beta, normalizer=float(max(total_tokens, 1)),
             )
@@ -327,6 +450,8 @@ class SapoLearner:
             pg_sum += parts.pg_loss
             kl_sum += parts.kl
             clip_weighted += parts.clip_fraction * parts.tokens
+        stats.micro_batch_size = max(stop - start for start, stop in ranges)
+        stats.micro_batch_tokens = padded_tokens(batch.lengths, ranges)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not step:
             if not self.optimizer.state and self.device.type == "cuda":
@@ -341,7 +466,7 @@ class SapoLearner:
         self.optimizer.zero_grad(set_to_none=True)
         stats.optimizer_steps += 1
         stats.loss, stats.pg_loss, stats.kl = loss_sum, pg_sum, kl_sum
-        stats.clip_fraction = clip_weighted / max(batch.completion_tokens, 1)
+        stats.clip_fraction = clip_weighted / max(int(mask.sum()), 1)
 
 
 def mean_reward(groups: list[Group]) -> float:

@@ -10,6 +10,8 @@ padding, which put pads inside sequences and shifted positions; we keep the samp
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +83,27 @@ def decode_completion(tokenizer, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
+def make_static_cache(model, rows: int, max_len: int):
+    """A static KV cache of ``max_len`` positions for ``rows`` sequences, to pass to :func:`sample_completions`
+    (and reuse) with ``cache=``. Its tensors are allocated by the first generate that uses it."""
+    from transformers import StaticCache
+
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    kwargs = {"config": config, "max_cache_len": max_len}
+    if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:  # transformers 4.x allocates now
+        param = next(model.parameters())
+        kwargs.update(max_batch_size=rows, device=param.device, dtype=param.dtype)
+    return StaticCache(**kwargs)
+
+
+def _cache_argument() -> str:
+    """``generate``'s keyword for a cache object: ``past_key_values`` up to transformers 5 (late 5.x releases
+    accept it with a FutureWarning, renamed ``cache``), ``cache`` from 6 on, where the old name is gone."""
+    import transformers
+
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 6 else "past_key_values"
+
+
 @torch.no_grad()
 def sample_completions(
     model,
@@ -94,12 +117,15 @@ def sample_completions(
     seed: int | None = None,
     static_cache_len: int | None = None,
     min_new_tokens: int | None = None,
+    cache=None,
 ) -> list[list[Completion]]:
     """G completions for each prompt, all in one ``generate`` call; returns ``[prompt][g]``.
 
     ``static_cache_len``: sample with a static KV cache of (at least) that many positions instead of the
     growing dynamic one. Its shape then stays the same from round to round, so on CUDA transformers compiles
     the decoding step once (``torch.compile``, its auto-compile for static caches) and reuses it.
+    ``cache``: a cache from :func:`make_static_cache` for exactly P * G rows, reset and reused (it wins over
+    ``static_cache_len``): the same tensors every call, so CUDA graphs recorded for them stay valid.
     ``min_new_tokens``: never stop before that many tokens (the start-up warm-up's worst case).
     """
     device = next(model.parameters()).device
@@ -112,25 +138,30 @@ def sample_completions(
     # A pad token distinct from EOS is not text: never sample it (it would also confuse masks later).
     suppress = [pad_id] if pad_id != eos_id else None
     extra = {}
-    if static_cache_len:
+    if cache is not None:
+        cache.reset()
+        extra[_cache_argument()] = cache
+    elif static_cache_len:
         extra.update(cache_implementation="static", max_cache_len=max(static_cache_len, input_ids.shape[1] + max_new_tokens))
     if min_new_tokens:
         extra["min_new_tokens"] = min_new_tokens
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,  # pure temperature/nucleus sampling; transformers defaults top_k to 50
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        suppress_tokens=suppress,
-        **extra,
-    )  # (B, Lp + Tn)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,  # pure temperature/nucleus sampling; transformers defaults top_k to 50
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            suppress_tokens=suppress,
+            **extra,
+        )  # (B, Lp + Tn)
     model.train(was_training)
     new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, Tn)
     groups: list[list[Completion]] = []

@@ -45,11 +45,22 @@ def _snapshot(model) -> dict:
 
 # --- configuration --------------------------------------------------------------------------------
 
-def test_levers_default_to_todays_behaviour():
+def test_gpu_levers_are_on_for_cuda_and_off_for_a_cpu_by_default():
     cfg = resolve_config(CONFIG, environ={})
-    assert cfg.sapo.compile_generate is False
-    assert cfg.sapo.warmup == "auto"
+    assert (cfg.sapo.compile_generate, cfg.sapo.warmup, cfg.sapo.micro_batch_tokens) == ("auto", "auto", "auto")
     assert cfg.model.attn_implementation == "auto"
+    cuda, cpu = cfg.sapo.resolved("cuda"), cfg.sapo.resolved("cpu")
+    assert (cuda.compile_generate, cuda.warmup, cuda.micro_batch_tokens) == (True, True, 2048)
+    assert (cpu.compile_generate, cpu.warmup, cpu.micro_batch_tokens) == (False, False, 0)
+    explicit = resolve_config(CONFIG, environ={}, overrides=["sapo.compile_generate=false",
+                                                             "sapo.micro_batch_tokens=512"]).sapo.resolved("cuda")
+    assert (explicit.compile_generate, explicit.micro_batch_tokens) == (False, 512)
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "true"])
+def test_micro_batch_tokens_rejects_other_values(value):
+    with pytest.raises(ConfigError, match="sapo.micro_batch_tokens"):
+        resolve_config(CONFIG, environ={}, overrides=[f"sapo.micro_batch_tokens={value}"])
 
 
 @pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("auto", "auto"), ("on", True)])
@@ -92,18 +103,30 @@ def test_warmup_runs_worst_case_and_changes_nothing():
 def test_warmup_generates_full_length_rows_and_trains_on_them(monkeypatch):
     learner = _learner()
     widths = []
-    real_forward = learner.model.forward
+    real_forward = learner.model.transformer.forward
 
     def spy(*args, **kwargs):
         if torch.is_grad_enabled():  # the training pass, not generate
             widths.append(tuple(kwargs["input_ids"].shape))
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(learner.model, "forward", spy)
+    prompt_widths = []
+    real_generate = learner.model.generate
+
+    def spy_generate(*args, **kwargs):
+        mask = kwargs["attention_mask"]
+        prompt_widths.extend(mask.sum(dim=1).tolist())
+        return real_generate(*args, **kwargs)
+
+    # The training pass runs the model's body (logits come from the head, completion tokens only).
+    monkeypatch.setattr(learner.model.transformer, "forward", spy)
+    monkeypatch.setattr(learner.model, "generate", spy_generate)
     learner.warmup()
     cfg = learner.config
     rows = (cfg.num_train_samples + cfg.num_transplant_trees) * cfg.num_generations
     assert widths == [(rows, cfg.max_prompt_tokens + cfg.max_new_tokens)]
+    # Generate sees padded prompts, the longest of the full length: the case every real round has.
+    assert max(prompt_widths) == cfg.max_prompt_tokens and min(prompt_widths) < cfg.max_prompt_tokens
 
 
 def test_warmup_is_capped_by_the_model_positions():
@@ -115,22 +138,24 @@ def test_warmup_is_capped_by_the_model_positions():
 
 def test_warmup_out_of_memory_halves_the_micro_batch_and_keeps_it(monkeypatch):
     learner = _learner()
-    real_forward = learner.model.forward
+    real_forward = learner.model.transformer.forward
 
     def small_memory(*args, **kwargs):
         if torch.is_grad_enabled() and kwargs["input_ids"].shape[0] > 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(learner.model, "forward", small_memory)
+    monkeypatch.setattr(learner.model.transformer, "forward", small_memory)
     before = _snapshot(learner.model)
     stats = learner.warmup()
-    assert stats.micro_batch_size == 4 and learner.micro_batch_size == 4
+    width = learner.config.max_prompt_tokens + learner.config.max_new_tokens
+    assert stats.micro_batch_size == 4 and stats.oom_halvings == 2  # 16 -> 8 -> 4 rows
+    assert learner.micro_tokens == 4 * width and stats.micro_batch_tokens == 4 * width
     assert learner.optimizer.state == {}
     assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())
 
 
-def test_warmup_generate_out_of_memory_is_raised(monkeypatch):
+def test_warmup_generate_out_of_memory_is_raised_when_one_prompt_per_call_fails(monkeypatch):
     learner = _learner()
 
     def no_memory(*args, **kwargs):

@@ -66,15 +66,37 @@ def test_signal_free_round_takes_no_step():
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
 
 
-def test_micro_batching_gives_the_same_update():
-    whole, micro = _learner(), _learner(micro_batch_size=3)
-    groups, _ = whole.generate(whole.sample_questions("w1", 0), seed=3)
+def _gradients_of_one_step(learner, groups):
+    """The (clipped) gradients the optimizer was about to apply, captured instead of stepping."""
+    captured = []
+    params = [p for p in learner.model.parameters() if p.requires_grad]
+    learner.optimizer.step = lambda: captured.append([p.grad.detach().clone() for p in params])
+    stats = learner.train(groups)
+    assert len(captured) == 1
+    return captured[0], stats
+
+
+def _signal_groups(learner, seed=3):
+    groups, _ = learner.generate(learner.sample_questions("w1", 0), seed=seed)
     for g in groups:
         g.rewards = [float(i % 2) for i in range(len(g.rewards))]
-    whole.train(groups)
-    micro.train(groups)
-    for a, b in zip(whole.model.parameters(), micro.model.parameters()):
+    return groups
+
+
+@pytest.mark.parametrize("limits", [{"micro_batch_size": 3}, {"micro_batch_tokens": 40}, {"micro_batch_size": 1}])
+def test_micro_batching_gives_the_same_gradient(limits):
+    # Gradients, not weights after Adam: Adam's first step is ~lr * sign(g), which turns float rounding noise
+    # on near-zero gradients into full-size differences.
+    whole, micro = _learner(), _learner(**limits)
+    groups = _signal_groups(whole)
+    g_whole, s_whole = _gradients_of_one_step(whole, groups)
+    g_micro, s_micro = _gradients_of_one_step(micro, groups)
+    assert s_micro.micro_batch_size < s_whole.micro_batch_size
+    if "micro_batch_tokens" in limits:
+        assert s_micro.micro_batch_tokens <= max(40, max(len(g.prompt_ids) + 4 for g in groups))
+    for a, b in zip(g_whole, g_micro):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert s_whole.loss == pytest.approx(s_micro.loss, rel=1e-5, abs=1e-7)
 
 
 def test_kl_and_several_steps_run():
