@@ -123,6 +123,27 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def use_fused_gelu(model: torch.nn.Module) -> int:
+    """Swap GPT-2's ``gelu_new`` for ``gelu_pytorch_tanh``, the same tanh approximation in one kernel.
+
+    ``gelu_new`` is a chain of Python-level ops that keeps ~5 intermediate tensors per layer for backward;
+    the fused one keeps its input only. The config is updated too, so a saved model loads the same way.
+    Returns how many activations were swapped.
+    """
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
+                swapped += 1
+    config = getattr(model, "config", None)
+    if swapped and getattr(config, "activation_function", None) == "gelu_new":
+        config.activation_function = "gelu_pytorch_tanh"
+    return swapped
+
+
 def load_model(
     name: str,
     *,
@@ -136,7 +157,8 @@ def load_model(
 
     ``dtype`` is "auto", "float32", "bfloat16" or "float16" (see :func:`resolve_dtype`). Weights that
     are initialised rather than loaded (all of a built-in's, a fresh head's) depend only on ``seed``;
-    the caller's global RNG is left alone. ``attn_implementation`` ("auto" = transformers' default, "sdpa",
+    the caller's global RNG is left alone. GPT-2's ``gelu_new`` becomes the identical fused
+    ``gelu_pytorch_tanh`` (:func:`use_fused_gelu`). ``attn_implementation`` ("auto" = transformers' default, "sdpa",
     "eager") picks the attention kernel. Any failure raises :class:`ModelLoadError`.
     """
     device = torch.device(device)
@@ -154,6 +176,7 @@ def load_model(
                 # Already in ``torch_dtype``; a blanket cast would undo modules kept in float32 on purpose.
                 model, tokenizer = _from_pretrained(name, token, torch_dtype, attn_implementation)
         _ensure_pad_token(model, tokenizer)
+        use_fused_gelu(model)
         model = model.to(device).eval()
     except Exception as exc:  # one error type for the worker to report, whatever went wrong below
         raise ModelLoadError(f"cannot load model {name!r}: {_explain(name, exc, token)}") from exc

@@ -76,12 +76,12 @@ class Worker:
     def warmup(self):
         """``sapo.warmup``: one worst-case round before the first real one (see SapoLearner.warmup).
 
-        ``auto`` runs it on CUDA only. An out-of-memory error in its generate crashes the worker now, in its
-        first minute (the supervisor reports it as cuda_oom); one in its training pass halves the
-        micro-batch size, which the real rounds then keep. Returns the stats, or None when it is off.
+        ``auto`` runs it on CUDA only. An out-of-memory error splits its generate into more calls and its
+        training pass into smaller micro-batches, which the real rounds then keep; only one that survives
+        a single prompt per call and a single row per micro-batch crashes the worker now, in its first
+        minute (the supervisor reports it as cuda_oom). Returns the stats, or None when it is off.
         """
-        wanted = self.config.sapo.warmup
-        if not (self.learner.device.type == "cuda" if wanted == "auto" else wanted):
+        if not self.learner.config.warmup:  # the learner decided "auto" for its device
             return None
         self.heartbeat.progress("warmup", status="running")
         t = time.perf_counter()
@@ -90,7 +90,9 @@ class Worker:
         fields = {"seconds": seconds, "generate_s": round(stats.generate_s, 3), "train_s": round(stats.train_s, 3),
                   "sequences_generated": stats.sequences_generated, "sequences_trained": stats.sequences_trained,
                   "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
-                  "micro_batch_size": stats.micro_batch_size, "gpu_peak_bytes": stats.peak_bytes}
+                  "micro_batch_size": stats.micro_batch_size, "micro_batch_tokens": stats.micro_batch_tokens,
+                  "generate_calls": stats.generate_calls, "oom_halvings": stats.oom_halvings,
+                  "gpu_peak_bytes": stats.peak_bytes}
         self.records.event("warmup", **fields)
         log.info("warmup_done", **fields)
         return stats
@@ -217,7 +219,8 @@ class Worker:
             "published": published,
             "loss": stats.loss, "pg_loss": stats.pg_loss, "kl": stats.kl, "clip_fraction": stats.clip_fraction,
             "grad_norm": stats.grad_norm, "optimizer_steps": stats.optimizer_steps, "skipped_step": stats.skipped,
-            "micro_batch_size": stats.micro_batch_size,
+            "micro_batch_size": stats.micro_batch_size, "micro_batch_tokens": stats.micro_batch_tokens,
+            "generate_calls": gen.calls, "oom_halvings": gen.oom_halvings + stats.oom_halvings,
             "tokens_generated": gen.generated_tokens, "tokens_prompt": gen.prompt_tokens,
             "tokens_trained": stats.completion_tokens,
             "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -225,6 +228,9 @@ class Worker:
         if torch.cuda.is_available():
             metrics["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated())
         self.records.metrics(round_, metrics)
+        if metrics["oom_halvings"]:
+            log.warning("out_of_memory_recovered", halvings=metrics["oom_halvings"], generate_calls=gen.calls,
+                        micro_batch_size=stats.micro_batch_size, micro_batch_tokens=stats.micro_batch_tokens)
         log.info("round_done", reward_local=round(metrics["reward_local"], 4),
                  external=len(selection.groups), seconds=round(timings["round_s"], 3))
         return metrics

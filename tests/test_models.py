@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from node.models import LoadedModel, ModelLoadError, access_token, load_model, resolve_dtype
+from node.models import LoadedModel, ModelLoadError, access_token, load_model, resolve_dtype, use_fused_gelu
 from sapo.tiny_model import build_builtin, build_tiny_gpt2, build_tokenizer
 
 REASONING_TEXT = (
@@ -145,6 +145,7 @@ def test_load_saved_model_matches_original(tmp_path):
     assert loaded.tokenizer.pad_token_id == tok.pad_token_id
     ids = torch.tensor([tok(REASONING_TEXT)["input_ids"]])
     with torch.no_grad():
+        use_fused_gelu(model)  # load_model swaps GPT-2's activation; the weights must come back bit for bit
         torch.testing.assert_close(loaded.model(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
 
     bf16 = load_model(str(tmp_path), dtype="bfloat16")
@@ -183,3 +184,23 @@ def test_missing_local_directory(tmp_path):
 def test_unknown_builtin_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="builtin:nope.*allowed: builtin:tiny-gpt2"):
         load_model("builtin:nope")
+
+
+def test_gpt2_gelu_becomes_the_fused_kernel_with_the_same_outputs(tmp_path):
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    original, tok = build_tiny_gpt2(seed=4)
+    original.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype="float32").model
+    acts = [type(m) for m in loaded.modules() if isinstance(m, (GELUTanh, NewGELUActivation))]
+    assert acts and set(acts) == {GELUTanh}
+    assert loaded.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.tensor([tok(REASONING_TEXT)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, original.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    x = torch.linspace(-6, 6, 1001)
+    torch.testing.assert_close(GELUTanh()(x), NewGELUActivation()(x), rtol=1e-6, atol=1e-6)
+    loaded.save_pretrained(tmp_path / "again")  # what `swarm export` will write loads with the fused kernel too
+    again = load_model(str(tmp_path / "again"), dtype="float32").model
+    assert {type(m) for m in again.modules() if isinstance(m, (GELUTanh, NewGELUActivation))} == {GELUTanh}
