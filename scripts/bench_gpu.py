@@ -44,14 +44,15 @@ of GPU memory per node. Targets: <= 1 h for 2000 rounds with 4 workers; <= 3 GB 
 Levers (--levers: all, or a comma-separated subset; each alone on top of the base config, shipped first;
 --set applies to every run). The shipped configs/gpt2-5node-a100-*.yaml set model.dtype=float32,
 model.autocast=bfloat16, sapo.compile_generate=auto (static KV cache + torch.compile'd decoding on CUDA),
-sapo.micro_batch_size=auto (4 sequences per forward/backward on CUDA), sapo.warmup=auto (on for CUDA),
+sapo.micro_batch_tokens=auto (at most 2048 padded tokens per forward/backward on CUDA), sapo.warmup=auto (on for CUDA),
 model.attn_implementation=auto (SDPA for GPT-2) and coordinator.poll_interval_s=0.1:
   shipped         no overrides: the base config as shipped ("baseline" is accepted as an alias)
   fp32            model.autocast=none: float32 weights and float32 compute
   bf16            model.dtype=bfloat16 model.autocast=none: pure bfloat16 weights and Adam state (rounds most
                   lr-1e-5 Adam updates away, docs/PERFORMANCE.md; measured for speed and memory only)
   eager           sapo.compile_generate=false: dynamic KV cache, no torch.compile of decoding
-  no-micro-batch  sapo.micro_batch_size=0: the (I+J)*G = 16 sequences' loss/backward in one pass
+  no-micro-batch  sapo.micro_batch_tokens=0 sapo.micro_batch_size=0: the (I+J)*G = 16 sequences' loss/backward
+                  in one pass
   eager-attn      model.attn_implementation=eager: the non-SDPA attention, to see what SDPA buys
   no-warmup       sapo.warmup=false: start-up time and peak memory without the worst-case warm-up
   slow-poll       coordinator.poll_interval_s=1.0: the coordinator's poll the shipped 0.1 s replaced
@@ -130,7 +131,8 @@ LEVERS: dict[str, Lever] = {
     "fp32": Lever(("model.autocast=none",), "float32 weights, float32 compute (no autocast)"),
     "bf16": Lever(("model.dtype=bfloat16", "model.autocast=none"), "pure bfloat16 weights and Adam state"),
     "eager": Lever(("sapo.compile_generate=false",), "dynamic KV cache, no torch.compile of decoding"),
-    "no-micro-batch": Lever(("sapo.micro_batch_size=0",), "loss/backward on all (I+J)*G sequences at once"),
+    "no-micro-batch": Lever(("sapo.micro_batch_tokens=0", "sapo.micro_batch_size=0"),
+                            "loss/backward on all (I+J)*G sequences at once"),
     "eager-attn": Lever(("model.attn_implementation=eager",), "eager attention instead of SDPA"),
     "no-warmup": Lever(("sapo.warmup=false",), "no worst-case warm-up at start-up"),
     "slow-poll": Lever(("coordinator.poll_interval_s=1.0",), "coordinator polls every 1 s"),
@@ -140,7 +142,6 @@ LEVER_ALIASES = {"baseline": "shipped"}
 BARE_LEVERS = object()  # --levers without names (argparse would pass a string const through parse_levers)
 
 # The settings the levers touch, printed as resolved for each run (what actually runs).
-# A field this config code does not have (sapo.micro_batch_tokens in older code) is left out.
 RESOLVED_FIELDS = ("model.dtype", "model.autocast", "model.attn_implementation", "sapo.compile_generate",
                    "sapo.micro_batch_size", "sapo.micro_batch_tokens", "sapo.warmup", "coordinator.poll_interval_s",
                    "supervisor.device")

@@ -165,7 +165,7 @@ EXPECTED_LEVERS = {
     "fp32": ("model.autocast=none",),
     "bf16": ("model.dtype=bfloat16", "model.autocast=none"),
     "eager": ("sapo.compile_generate=false",),
-    "no-micro-batch": ("sapo.micro_batch_size=0",),
+    "no-micro-batch": ("sapo.micro_batch_tokens=0", "sapo.micro_batch_size=0"),
     "eager-attn": ("model.attn_implementation=eager",),
     "no-warmup": ("sapo.warmup=false",),
     "slow-poll": ("coordinator.poll_interval_s=1.0",),
