@@ -116,8 +116,9 @@ def padded_tokens(lengths: list[int], ranges: list[tuple[int, int]]) -> int:
 
 # --------------------------------------------------------------------------- log-probs of completion tokens
 
-# Elements of one chunk of logits (chunk tokens x vocabulary): 2**24 floats = 64 MiB, ~330 GPT-2 tokens.
-LOGITS_CHUNK_ELEMENTS = 2 ** 24
+# Elements of one chunk of logits (chunk tokens x vocabulary): 2**23 floats = 32 MiB, ~167 GPT-2 tokens; the
+# transient peak is ~3.5 such tensors (the head's output, its float32 copy, the scaled copy, logsumexp's).
+LOGITS_CHUNK_ELEMENTS = 2 ** 23
 
 
 def predicted_positions(batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +178,8 @@ def head_split_matches(model, tokens: int = 8) -> bool:
     ids = (torch.arange(tokens, device=device) * 7919 % vocab)[None]  # any in-vocabulary tokens
     mask = torch.ones_like(ids)
     try:
-        full = model(input_ids=ids, attention_mask=mask).logits.float()
-        ours = head(body(input_ids=ids, attention_mask=mask).last_hidden_state).float()
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        ours = head(body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state).float()
     except Exception:  # noqa: BLE001 - an unusual model: fall back to its own forward
         return False
     return full.shape == ours.shape and torch.allclose(full, ours, rtol=1e-2, atol=1e-2)
@@ -223,13 +224,15 @@ def completion_log_probs(model, batch: TrainBatch, temperature: float, *, split_
     split = body_and_head(model) if split_head else None
     if split is not None:
         body, head = split
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        # use_cache=False: a forward outside generate must not build a KV cache (it would hold every layer's K/V).
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         return chunked_log_probs(head, hidden[:, :-1][mask], targets, temperature)  # (K,)
     start = max(min(batch.prompt_lengths), 1) - 1  # first position whose output predicts a completion token
     keep = batch.input_ids.shape[1] - start
     if _accepts_logits_to_keep(model):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                       use_cache=False).logits
     else:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -keep:]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, -keep:]
     logits = logits[:, :-1][mask[:, start:]]  # (K, V): completion positions only
     return token_log_probs(logits, targets, temperature)

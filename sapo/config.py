@@ -280,6 +280,15 @@ class SapoConfig:
         50, "after an out-of-memory halving, rounds without one before the micro-batch (or generate chunk) "
         "doubles back towards the configured size; 0 = never", min=0
     )
+    gradient_checkpointing: bool | str = option(
+        "auto", "recompute each layer's activations in backward instead of storing them (about one more forward "
+        "pass of training compute, most of the activation memory saved); auto = on for CUDA", check=_auto_or_bool
+    )
+    optimizer: str = option(
+        "auto", "adam (torch's Adam/AdamW) or adamw_sr (float32 moments, bfloat16 weights updated with "
+        "stochastic rounding); auto = adamw_sr for bfloat16 weights, adam otherwise",
+        choices=("auto", "adam", "adamw_sr"),
+    )
     format_reward: float = option(0.0, "bonus for a well-formed <answer>...</answer> span (0 = off)", min=0.0)
     compile_generate: bool | str = option(
         "auto", "sample with one reused static KV cache sized max_prompt_tokens + max_new_tokens, so that "
@@ -306,4 +315,5 @@ class SapoConfig:
             else self.micro_batch_tokens,
             compile_generate=cuda if self.compile_generate == "auto" else self.compile_generate,
             warmup=cuda if self.warmup == "auto" else self.warmup,
+            gradient_checkpointing=cuda if self.gradient_checkpointing == "auto" else self.gradient_checkpointing,
         )

@@ -13,6 +13,7 @@ No I/O here; timings are measured with ``time.perf_counter`` and returned as met
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -31,6 +32,7 @@ from sapo.batch import (
 )
 from sapo.config import SapoConfig
 from sapo.grpo import clipped_policy_loss, ragged_group_advantages
+from sapo.optim import enable_activation_checkpointing, make_optimizer
 from sapo.rollouts import Completion, Group, encode_prompt, make_static_cache, sample_completions
 from sapo.swarm import Selection, SharedGroup, rebuild_group, select_external
 from sapo.tasks import Question, TaskBank, build_prompt
@@ -128,11 +130,16 @@ class SapoLearner:
         # No dropout: the ratio old/new must compare the same function (TRL's GRPO disables it too).
         self.model.eval()
         params = [p for p in model.parameters() if p.requires_grad]
-        optim_cls = torch.optim.AdamW if config.weight_decay > 0 else torch.optim.Adam
-        self.optimizer = optim_cls(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer_kind = config.optimizer
+        if self.optimizer_kind == "auto":
+            self.optimizer_kind = "adamw_sr" if params and params[0].dtype == torch.bfloat16 else "adam"
+        self.optimizer = make_optimizer(params, kind=self.optimizer_kind, lr=config.learning_rate,
+                                        weight_decay=config.weight_decay, seed=experiment_seed)
         self.reference = None
         if config.kl_beta > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # After the reference copy: it only runs without gradients, where checkpointing does nothing.
+        self.checkpointing = bool(self.config.gradient_checkpointing) and enable_activation_checkpointing(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Logits for completion tokens only, through the output head in chunks, when the model is body + head.
         self.split_head = head_split_matches(model)
@@ -367,6 +374,19 @@ class SapoLearner:
         stats.seconds = time.perf_counter() - t0
         return stats
 
+    @contextlib.contextmanager
+    def _checkpointed(self):
+        """Train mode for the gradient pass when checkpointing (transformers checkpoints only in train mode;
+        every dropout is 0, so it computes what eval mode does); a no-op otherwise."""
+        if not self.checkpointing:
+            yield
+            return
+        self.model.train()
+        try:
+            yield
+        finally:
+            self.model.eval()
+
     def _plan(self, batch: TrainBatch) -> list[tuple[int, int]]:
         return plan_micro_batches(batch.lengths, max_rows=self.micro_rows, max_tokens=self.micro_tokens)
 
@@ -432,7 +452,7 @@ class SapoLearner:
         loss_sum = pg_sum = kl_sum = clip_weighted = 0.0
         for start, stop in ranges:
             micro = batch.rows(start, stop)
-            with self.autocast():  # forward only; backward runs outside, as torch.autocast wants
+            with self.autocast(), self._checkpointed():  # forward only; backward runs outside, as autocast wants
                 logp = completion_log_probs(self.model, micro, cfg.temperature, split_head=self.split_head)  # (k,)
                 ref_logp = None
                 if self.reference is not None:

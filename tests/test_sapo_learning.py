@@ -21,9 +21,19 @@ def _learner(seed=0, **overrides):
     return SapoLearner(*build_tiny_gpt2(seed=seed), config, experiment_seed=7)
 
 
-def test_grpo_learns_a_verifiable_reward():
-    """Reward: the first completion token id is a multiple of 4 (about 1 in 4 under the random policy)."""
+@pytest.mark.parametrize("precision", ["fp32", "gpu-config"])
+def test_grpo_learns_a_verifiable_reward(precision):
+    """Reward: the first completion token id is a multiple of 4 (about 1 in 4 under the random policy).
+
+    ``gpu-config``: what configs/gpt2-5node-a100-*.yaml run on CUDA: bfloat16 weights, the stochastic-rounding
+    AdamW (optimizer auto), activation checkpointing, token-bounded micro-batches.
+    """
     learner = _learner(num_generations=8, max_new_tokens=3, learning_rate=3e-3)
+    if precision == "gpu-config":
+        model, tok = build_tiny_gpt2(seed=0)
+        config = replace(learner.config, gradient_checkpointing=True, micro_batch_tokens=64)
+        learner = SapoLearner(model.to(torch.bfloat16), tok, config, experiment_seed=7)
+        assert learner.optimizer_kind == "adamw_sr" and learner.checkpointing
     tok = learner.tokenizer
     prompts = [f"Say something about {w}." for w in ("cats", "rain", "numbers", "ships")]
     prompt_ids = [encode_prompt(tok, p, 64) for p in prompts]
