@@ -42,17 +42,23 @@ Anchors (the seeds: 1 coordinator + 4 GPT-2 workers on one A100 80GB): 21 h for 
 of GPU memory per node. Targets: <= 1 h for 2000 rounds with 4 workers; <= 3 GB per training node.
 
 Levers (--levers: all, or a comma-separated subset; each alone on top of the base config, shipped first;
---set applies to every run). The shipped configs/gpt2-5node-a100-*.yaml set model.dtype=float32,
-model.autocast=bfloat16, sapo.compile_generate=auto (static KV cache + torch.compile'd decoding on CUDA),
-sapo.micro_batch_tokens=auto (at most 2048 padded tokens per forward/backward on CUDA), sapo.warmup=auto (on for CUDA),
-model.attn_implementation=auto (SDPA for GPT-2) and coordinator.poll_interval_s=0.1:
+--set applies to every run). The shipped configs/gpt2-5node-a100-*.yaml set model.dtype=bfloat16 with
+sapo.optimizer=auto (stochastic-rounding AdamW, float32 moments), sapo.compile_generate=auto (one reused
+static KV cache + torch.compile'd decoding on CUDA), sapo.micro_batch_tokens=auto (at most 2048 padded
+tokens per forward/backward on CUDA), sapo.gradient_checkpointing=auto and sapo.warmup=auto (on for CUDA),
+model.attn_implementation=auto (SDPA for GPT-2) and coordinator.poll_interval_s=0.1. Every run also sets
+sapo.tasks to toy_copy, whose partial credit gives random text a reward spread: on reasoning-gym a
+random-weight model scores 0, so every round would skip training ("trained %" shows the share that trained):
   shipped         no overrides: the base config as shipped ("baseline" is accepted as an alias)
-  fp32            model.autocast=none: float32 weights and float32 compute
-  bf16            model.dtype=bfloat16 model.autocast=none: pure bfloat16 weights and Adam state (rounds most
-                  lr-1e-5 Adam updates away, docs/PERFORMANCE.md; measured for speed and memory only)
+  fp32            model.dtype=float32 model.autocast=none sapo.optimizer=adam: float32 everything
+  mixed           model.dtype=float32 model.autocast=bfloat16 sapo.optimizer=adam: float32 weights and Adam,
+                  bfloat16 compute (the precision shipped before)
+  bf16-adam       sapo.optimizer=adam: bfloat16 weights with torch's Adam (bfloat16 moments, round-to-nearest:
+                  loses most lr-1e-5 updates, scripts/bench_precision.py; for speed and memory only)
   eager           sapo.compile_generate=false: dynamic KV cache, no torch.compile of decoding
   no-micro-batch  sapo.micro_batch_tokens=0 sapo.micro_batch_size=0: the (I+J)*G = 16 sequences' loss/backward
                   in one pass
+  no-checkpointing  sapo.gradient_checkpointing=false: layer activations stored instead of recomputed
   eager-attn      model.attn_implementation=eager: the non-SDPA attention, to see what SDPA buys
   no-warmup       sapo.warmup=false: start-up time and peak memory without the worst-case warm-up
   slow-poll       coordinator.poll_interval_s=1.0: the coordinator's poll the shipped 0.1 s replaced
@@ -128,11 +134,16 @@ class Lever:
 
 LEVERS: dict[str, Lever] = {
     "shipped": Lever((), "the base config as shipped, no overrides"),
-    "fp32": Lever(("model.autocast=none",), "float32 weights, float32 compute (no autocast)"),
-    "bf16": Lever(("model.dtype=bfloat16", "model.autocast=none"), "pure bfloat16 weights and Adam state"),
+    "fp32": Lever(("model.dtype=float32", "model.autocast=none", "sapo.optimizer=adam"),
+                  "float32 weights, Adam and compute"),
+    "mixed": Lever(("model.dtype=float32", "model.autocast=bfloat16", "sapo.optimizer=adam"),
+                   "float32 weights and Adam, bfloat16 autocast compute (the precision shipped before)"),
+    "bf16-adam": Lever(("sapo.optimizer=adam",), "bfloat16 weights with torch's Adam (bf16 moments, no "
+                       "stochastic rounding: loses small updates)"),
     "eager": Lever(("sapo.compile_generate=false",), "dynamic KV cache, no torch.compile of decoding"),
     "no-micro-batch": Lever(("sapo.micro_batch_tokens=0", "sapo.micro_batch_size=0"),
                             "loss/backward on all (I+J)*G sequences at once"),
+    "no-checkpointing": Lever(("sapo.gradient_checkpointing=false",), "layer activations stored, not recomputed"),
     "eager-attn": Lever(("model.attn_implementation=eager",), "eager attention instead of SDPA"),
     "no-warmup": Lever(("sapo.warmup=false",), "no worst-case warm-up at start-up"),
     "slow-poll": Lever(("coordinator.poll_interval_s=1.0",), "coordinator polls every 1 s"),
@@ -142,9 +153,13 @@ LEVER_ALIASES = {"baseline": "shipped"}
 BARE_LEVERS = object()  # --levers without names (argparse would pass a string const through parse_levers)
 
 # The settings the levers touch, printed as resolved for each run (what actually runs).
-RESOLVED_FIELDS = ("model.dtype", "model.autocast", "model.attn_implementation", "sapo.compile_generate",
-                   "sapo.micro_batch_size", "sapo.micro_batch_tokens", "sapo.warmup", "coordinator.poll_interval_s",
-                   "supervisor.device")
+RESOLVED_FIELDS = ("model.dtype", "model.autocast", "model.attn_implementation", "sapo.optimizer",
+                   "sapo.compile_generate", "sapo.micro_batch_size", "sapo.micro_batch_tokens",
+                   "sapo.gradient_checkpointing", "sapo.warmup", "coordinator.poll_interval_s", "supervisor.device")
+# A random-weight model (builtin:gpt2-124m) never scores on reasoning-gym: every group has zero reward spread,
+# so every round skips its training step and a benchmark would measure generation only. toy_copy gives
+# partial credit for letters, so random text has spread and every round trains. --set sapo.tasks=... wins.
+BENCH_TASKS = "sapo.tasks=[{name: toy_copy}]"
 
 
 # --------------------------------------------------------------------------- the maths (tested on fake metrics)
@@ -172,6 +187,7 @@ class RunSummary:
     projected_hours: float | None = None
     per_worker_peak_bytes: dict = field(default_factory=dict)
     memory_unknown: list = field(default_factory=list)  # workers NVML never gave a (non-zero) figure for
+    trained_fraction: float | None = None  # measured rounds that took an optimizer step
     error: str = ""
 
 
@@ -207,6 +223,9 @@ def summarize(label: str, workers: int, metrics: dict[str, list[dict]], *, skip_
     s.round_s = _median(m["timings"].get("round_s") for ms in measured.values() for m in ms)
     s.generate_s = _median(m["timings"].get("generate_s") for ms in measured.values() for m in ms)
     s.train_s = _median(m["timings"].get("train_s") for ms in measured.values() for m in ms)
+    all_measured = [m for ms in measured.values() for m in ms]
+    if all_measured:
+        s.trained_fraction = sum(1 for m in all_measured if (m.get("optimizer_steps") or 0) > 0) / len(all_measured)
 
     # The measured span of a worker: from the end of its last skipped round (or the start of its first
     # measured one) to its last line.
@@ -269,6 +288,7 @@ COLUMNS = [
     ("round s/worker", 14, lambda r: _fmt(r.round_s, ".2f")),
     ("gen s", 6, lambda r: _fmt(r.generate_s, ".2f")),
     ("train s", 7, lambda r: _fmt(r.train_s, ".2f")),
+    ("trained %", 9, lambda r: _fmt(None if r.trained_fraction is None else 100 * r.trained_fraction, ".0f")),
     ("period s/round", 14, lambda r: _fmt(r.period_s, ".2f")),
     ("gen tok/s", 10, lambda r: _fmt(r.gen_tokens_per_s, ".0f")),
     ("swarm tok/s", 11, lambda r: _fmt(r.swarm_tokens_per_s, ".0f")),
@@ -328,6 +348,9 @@ def verdicts(rows: list[RunSummary]) -> list[str]:
             parts.append(f"time {r.projected_hours:.2f} h {'<=' if ok else '>'} {TARGET_HOURS:g} h: "
                          f"{'MET' if ok else 'MISSED'}")
         parts.append(memory_verdict(r))
+        if r.trained_fraction is not None and r.trained_fraction < 0.5:
+            parts.append(f"only {r.trained_fraction:.0%} of rounds trained (no reward spread): the figures "
+                         "miss most training steps")
         lines.append(f"  {r.label} N={r.workers}: " + "; ".join(parts))
     return lines
 
@@ -396,7 +419,7 @@ def run_overrides(args, workers: int, label: str, tmp: Path) -> list[str]:
         f"supervisor.workers={workers}", f"supervisor.device={args.device}", "supervisor.monitor_interval_s=0.5",
         f"exchange.lock_dir={tmp / 'locks'}", f"exchange.spool_dir={tmp / 'spool'}",
         "checkpoint.every_rounds=1000000",  # the final checkpoint only: no checkpoint I/O inside the measurement
-        *LEVERS[label].sets, *args.set,
+        BENCH_TASKS, *LEVERS[label].sets, *args.set,
     ]
 
 

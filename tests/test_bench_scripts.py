@@ -162,10 +162,12 @@ def test_summary_line_format():
 
 EXPECTED_LEVERS = {
     "shipped": (),
-    "fp32": ("model.autocast=none",),
-    "bf16": ("model.dtype=bfloat16", "model.autocast=none"),
+    "fp32": ("model.dtype=float32", "model.autocast=none", "sapo.optimizer=adam"),
+    "mixed": ("model.dtype=float32", "model.autocast=bfloat16", "sapo.optimizer=adam"),
+    "bf16-adam": ("sapo.optimizer=adam",),
     "eager": ("sapo.compile_generate=false",),
     "no-micro-batch": ("sapo.micro_batch_tokens=0", "sapo.micro_batch_size=0"),
+    "no-checkpointing": ("sapo.gradient_checkpointing=false",),
     "eager-attn": ("model.attn_implementation=eager",),
     "no-warmup": ("sapo.warmup=false",),
     "slow-poll": ("coordinator.poll_interval_s=1.0",),
@@ -188,13 +190,35 @@ def test_each_lever_resolves_to_its_overrides(tmp_path, label):
     settings = bench_gpu.resolved_settings(bench_gpu.DEFAULT_CONFIG, bench_gpu.run_overrides(args, 4, label, tmp_path))
     for item in bench_gpu.LEVERS[label].sets:
         assert item in settings.split()
+    shipped = bench_gpu.resolved_settings(bench_gpu.DEFAULT_CONFIG,
+                                          bench_gpu.run_overrides(args, 4, "shipped", tmp_path))
+    assert settings != shipped or label == "mps"  # every lever changes what runs
+
+
+def test_every_run_trains_on_a_task_random_text_can_score_on(tmp_path):
+    from node.config import resolve_config
+
+    args = bench_gpu.parse_args([])
+    config = resolve_config(bench_gpu.DEFAULT_CONFIG, overrides=bench_gpu.run_overrides(args, 4, "shipped", tmp_path))
+    assert [t.name for t in config.sapo.tasks] == ["toy_copy"]
+    mine = resolve_config(bench_gpu.DEFAULT_CONFIG, overrides=bench_gpu.run_overrides(
+        bench_gpu.parse_args(["--set", "sapo.tasks=[{name: basic_arithmetic}]"]), 4, "shipped", tmp_path))
+    assert [t.name for t in mine.sapo.tasks] == ["basic_arithmetic"]  # the user's --set wins
+
+
+def test_rounds_that_did_not_train_are_counted_and_flagged():
+    metrics = {"worker_1": [{"round": r, "timestamp": 100.0 + r, "timings": {"round_s": 1.0},
+                             "optimizer_steps": 1 if r == 3 else 0} for r in range(5)]}
+    row = bench_gpu.summarize("shipped", 1, metrics)
+    assert row.trained_fraction == pytest.approx(0.25)
+    assert any("only 25% of rounds trained" in line for line in bench_gpu.verdicts([row]))
 
 
 def test_argument_parsing():
     assert bench_gpu.parse_workers("1,2,4,8") == [1, 2, 4, 8]
     with pytest.raises(Exception):
         bench_gpu.parse_workers("1,x")
-    assert bench_gpu.parse_levers("fp32,bf16") == ["shipped", "fp32", "bf16"]
+    assert bench_gpu.parse_levers("fp32,bf16-adam") == ["shipped", "fp32", "bf16-adam"]
     assert bench_gpu.parse_levers("baseline,eager") == ["shipped", "eager"]  # the old name still works
     assert bench_gpu.parse_levers("all") == list(bench_gpu.LEVERS)
     with pytest.raises(Exception, match="unknown lever"):
@@ -212,7 +236,7 @@ def test_quick_plan():
     assert (args.rounds, args.skip_rounds, args.timeout) == (8, 1, 240)
     assert args.model == "builtin:gpt2-124m" and args.max_new_tokens == 256 and args.device == "cuda"
     assert bench_gpu.planned_runs(bench_gpu.parse_args(["--quick", "--levers"])) == [(4, "shipped"), (4, "eager")]
-    assert bench_gpu.planned_runs(bench_gpu.parse_args(["--quick", "--levers", "bf16"])) == [(4, "shipped"), (4, "bf16")]
+    assert bench_gpu.planned_runs(bench_gpu.parse_args(["--quick", "--levers", "mixed"])) == [(4, "shipped"), (4, "mixed")]
     args = bench_gpu.parse_args(["--quick", "--rounds", "5", "--timeout", "100"])  # explicit values win
     assert (args.rounds, args.timeout) == (5, 100)
 
