@@ -227,6 +227,10 @@ class Worker:
         }
         if torch.cuda.is_available():
             metrics["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+            metrics["gpu_reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved())
+            # The allocator freed its cache and retried (a synchronising cudaFree): a worker running at its
+            # memory cap pays this every round. Cumulative since start; a rising count means too little room.
+            metrics["gpu_alloc_retries"] = int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
         self.records.metrics(round_, metrics)
         if metrics["oom_halvings"]:
             log.warning("out_of_memory_recovered", halvings=metrics["oom_halvings"], generate_calls=gen.calls,

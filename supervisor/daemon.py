@@ -496,9 +496,11 @@ class Supervisor:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             # Bytes, not a fraction: torch applies its fraction to cudaMemGetInfo's total, not NVML's.
             env["SWARM_MEMORY_BYTES"] = str(int(self.launch.gpu_plan.bytes_per_worker))
-        if env["SWARM_DEVICE"] == "cpu" and "OMP_NUM_THREADS" not in self.environ:
+        if "OMP_NUM_THREADS" not in self.environ:
             # torch gives every process one thread per core: N CPU workers would oversubscribe the cores
             # (measured: a 2-worker CPU swarm on 2 cores ran 9x slower). Share them; the coordinator needs one.
+            # GPU workers too: their CPU-side ops (sampling bookkeeping, batching, scoring) start OpenMP teams
+            # whose spinning threads would compete with the other workers' kernel-launching threads.
             env["OMP_NUM_THREADS"] = str(1 if node.role == "coordinator" else cpu_share(self.sv.workers))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env

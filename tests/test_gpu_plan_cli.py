@@ -18,7 +18,7 @@ from node import __main__ as node_main
 from node.config import resolve_config
 from sapo.config import ConfigError
 from supervisor import cli, daemon
-from supervisor.daemon import Supervisor, plan_launch, read_status
+from supervisor.daemon import Supervisor, cpu_share, plan_launch, read_status
 from supervisor.gpu import GIB, FakeGpu, PlanError, fake_uuid
 from supervisor.procs import FakeOS
 from supervisor.sdnotify import SdNotifier
@@ -99,6 +99,9 @@ def test_worker_env_follows_the_plan(tmp_path):
         assert w.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         assert int(w.env["SWARM_MEMORY_BYTES"]) == plan.bytes_per_worker == int(plan.fraction * 80 * GIB)
         assert "SWARM_MEMORY_FRACTION" not in w.env
+        # GPU workers share the cores too: idle OpenMP teams spinning in 4 processes would slow kernel launches
+        assert w.env["OMP_NUM_THREADS"] == str(cpu_share(4))
+    assert coord.env["OMP_NUM_THREADS"] == "1"
     snap = read_status(sup.paths)
     assert snap["launch"]["gpu_plan"]["workers"] == 4 and "GiB" in snap["launch"]["describe"]
     assert snap["launch"]["gpu_device"]["uuid"] == fake_uuid(0) and snap["gpu"]["device"]["uuid"] == fake_uuid(0)
