@@ -341,14 +341,19 @@ def test_a_killed_gpu_worker_is_respawned_only_once_nvml_lets_go(tmp_path):
     assert w1.status.state is S.STARTING and w1.proc.pid != old and log.named("gpu_released")
 
 
-def test_the_gpu_release_wait_is_bounded(tmp_path):
+def _one_worker_with_a_3s_release_bound(tmp_path):
+    """(gpu, sup, fos, log, worker_1, its pid): one running GPU worker, the release wait bounded at 3 s."""
     gpu = FakeGpu(80 * GIB)
     sup, fos, log = gpu_sup(tmp_path, gpu, workers=1, backoff_initial_s=0.1)
     sup.gpu_release_timeout_s = 3.0
     gpu.clock = fos.monotonic
     start_all(sup, fos)
     w1 = sup.nodes["worker_1"]
-    old = w1.proc.pid
+    return gpu, sup, fos, log, w1, w1.proc.pid
+
+
+def test_the_gpu_release_wait_is_bounded(tmp_path):
+    gpu, sup, fos, log, w1, old = _one_worker_with_a_3s_release_bound(tmp_path)
     gpu.used[old] = GIB
     gpu.linger(old)
     fos.exit(old, 1)
@@ -360,13 +365,7 @@ def test_the_gpu_release_wait_is_bounded(tmp_path):
 
 def test_an_unreadable_process_list_waits_out_the_release_bound(tmp_path):
     """NVML cannot list the processes: a killed worker's memory may still be held, so wait the whole bound."""
-    gpu = FakeGpu(80 * GIB)
-    sup, fos, log = gpu_sup(tmp_path, gpu, workers=1, backoff_initial_s=0.1)
-    sup.gpu_release_timeout_s = 3.0
-    gpu.clock = fos.monotonic
-    start_all(sup, fos)
-    w1 = sup.nodes["worker_1"]
-    old = w1.proc.pid
+    gpu, sup, fos, log, w1, old = _one_worker_with_a_3s_release_bound(tmp_path)
     gpu.readable = False
     fos.exit(old, 1)
     advance(sup, fos, 2.5)
