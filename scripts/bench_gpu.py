@@ -42,7 +42,7 @@ Anchors (the seeds: 1 coordinator + 4 GPT-2 workers on one A100 80GB): 21 h for 
 of GPU memory per node. Targets: <= 1 h for 2000 rounds with 4 workers; <= 3 GB per training node.
 
 Levers (--levers: all, or a comma-separated subset; each alone on top of the base config, shipped first;
---set applies to every run). The shipped configs/gpt2-5node-a100-*.yaml set model.dtype=bfloat16 with
+--set applies to every run). The shipped configs/gpt2-5node-a100-*.yaml set model.dtype=auto (bfloat16 on an A100/H100) with
 sapo.optimizer=auto (stochastic-rounding AdamW, float32 moments), sapo.compile_generate=auto (one reused
 static KV cache + torch.compile'd decoding on CUDA), sapo.micro_batch_tokens=auto (at most 2048 padded
 tokens per forward/backward on CUDA), sapo.gradient_checkpointing=auto and sapo.warmup=auto (on for CUDA),

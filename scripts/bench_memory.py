@@ -88,7 +88,8 @@ def account(name: str, args) -> dict[str, float]:
     out = {"weights": n_params * wbytes, "gradients": n_params * wbytes, "adam moments": n_params * 8}
     # autocast keeps a bfloat16 copy of every weight it casts while its context is open (generate, loss forward)
     out["autocast weight copies"] = 0 if bf16 else n_params * 2
-    kv_len = args.prompt + args.new_tokens
+    # The new path's static cache is sized for the longest prompt, whatever this round's; the old dynamic one grew.
+    kv_len = (args.prompt if old else max(args.prompt, args.max_prompt_tokens)) + args.new_tokens
     out["KV cache (generate)"] = rows_gen * kv_len * cfg.n_layer * 2 * cfg.n_embd * 2  # K and V, bfloat16
     if old:
         plan = [(0, rows_train)]
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", type=int, default=768, help="prompt tokens (default 768: the worst case)")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--max-prompt-tokens", type=int, default=768, help="sapo.max_prompt_tokens: sizes the static KV cache")
     p.add_argument("-I", type=int, default=2)
     p.add_argument("-J", type=int, default=2)
     p.add_argument("-G", type=int, default=4)
