@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.heartbeat import Heartbeat  # noqa: E402
 
 CONTRACT_ENV = ("NODE_ROLE", "NODE_ID", "SWARM_RUNTIME_DIR", "SWARM_DEVICE", "CUDA_VISIBLE_DEVICES",
-                "SWARM_MEMORY_FRACTION", "NOTIFY_SOCKET", "WATCHDOG_USEC")
+                "CUDA_DEVICE_ORDER", "SWARM_MEMORY_BYTES", "SWARM_MEMORY_FRACTION", "OMP_NUM_THREADS", "NOTIFY_SOCKET",
+                "WATCHDOG_USEC")
 
 
 def parse_args(argv=None):
