@@ -26,14 +26,14 @@ from sapo.batch import (
     completion_log_probs,
     head_split_matches,
     padded_tokens,
-    plan_micro_batches,
     predicted_positions,
     token_advantages,
 )
 from sapo.config import SapoConfig
 from sapo.grpo import clipped_policy_loss, ragged_group_advantages
+from sapo.oom import GenerateSplit, MicroBatchLimits, retry_on_oom
 from sapo.optim import enable_activation_checkpointing, make_optimizer
-from sapo.rollouts import Completion, Group, encode_prompt, make_static_cache, sample_completions
+from sapo.rollouts import Completion, Group, encode_prompt, make_static_cache, max_positions, sample_completions
 from sapo.swarm import Selection, SharedGroup, rebuild_group, select_external
 from sapo.tasks import Question, TaskBank, build_prompt
 
@@ -70,53 +70,11 @@ class GenerateStats:
     timings: dict = field(default_factory=dict)
 
 
-@dataclass
-class WarmupStats:
-    """What the start-up warm-up did (one worst-case generate + loss/backward, no optimizer step)."""
-
-    sequences_generated: int = 0
-    sequences_trained: int = 0
-    prompt_tokens: int = 0  # per sequence
-    new_tokens: int = 0  # per sequence
-    generate_s: float = 0.0
-    train_s: float = 0.0
-    micro_batch_size: int = 0  # rows of the largest micro-batch, after any out-of-memory halving
-    micro_batch_tokens: int = 0
-    generate_calls: int = 1
-    oom_halvings: int = 0
-    peak_bytes: int | None = None  # torch.cuda.max_memory_allocated() on CUDA
-
-
-def _max_positions(model) -> int | None:
-    """The longest sequence the model's position embeddings allow, when its config says."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-# How libraries other than the caching allocator say they could not get memory (cuBLAS creating a handle
-# or workspace, cuDNN, cuFFT, cuSOLVER, cuSPARSE): each is a plain RuntimeError, not torch.OutOfMemoryError.
-_ALLOC_FAILURES = ("out of memory", "status_alloc_failed", "cufft_alloc_failed", "not_enough_workspace")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """The device ran out of memory (the allocator, or a CUDA library's own allocation): worth a smaller retry."""
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(marker in text for marker in _ALLOC_FAILURES)
-
-
 class SapoLearner:
     """A policy, its optimiser and the task bank; the algorithm side of one worker.
 
     ``config`` may hold ``auto`` values; they are decided here for the model's device (``self.config`` is
-    the resolved copy). Out-of-memory errors shrink the work instead of crashing: generate splits its
-    prompts over more calls, training uses smaller micro-batches; after ``oom_regrow_rounds`` clean
-    rounds the size doubles back towards the configured one.
+    the resolved copy). Out-of-memory errors shrink the work instead of crashing (:mod:`sapo.oom`).
     """
 
     def __init__(self, model, tokenizer, config: SapoConfig, *, experiment_seed: int = 0, bank: TaskBank | None = None,
@@ -143,12 +101,10 @@ class SapoLearner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Logits for completion tokens only, through the output head in chunks, when the model is body + head.
         self.split_head = head_split_matches(model)
-        # Micro-batch limits in force (the configured ones, shrunk after an out-of-memory error).
-        self.micro_rows = self.config.micro_batch_size  # 0 = no row limit
-        self.micro_tokens = self.config.micro_batch_tokens  # 0 = no token limit
-        self._tokens_ceiling = 0  # the plan that first failed with no token limit configured
-        self.generate_calls = 1  # generate calls a round's prompts are split into
-        self._clean_train = self._clean_generate = 0  # rounds since the last halving
+        # What out-of-memory errors shrink: training micro-batches, and generate's batch.
+        self.micro = MicroBatchLimits(self.config.micro_batch_size, self.config.micro_batch_tokens,
+                                      self.config.oom_regrow_rounds)
+        self.generate_split = GenerateSplit(self.config.oom_regrow_rounds)
         self._static_caches: dict[int, object] = {}  # rows -> the KV cache reused by every compiled generate
 
     def autocast(self):
@@ -159,11 +115,6 @@ class SapoLearner:
     def device(self) -> torch.device:
         """Where the policy's parameters live."""
         return next(self.model.parameters()).device
-
-    @property
-    def micro_batch_size(self) -> int:
-        """Rows per micro-batch in force (0 = no row limit); see also :attr:`micro_tokens`."""
-        return self.micro_rows
 
     # --- local groups -------------------------------------------------------------------------------
     def sample_questions(self, node_id: str, round_: int) -> list[Question]:
@@ -195,7 +146,7 @@ class SapoLearner:
 
     def sample(self, prompt_ids: list[list[int]], *, seed: int | None, new_tokens: int,
                stats: GenerateStats | None = None, min_new_tokens: int | None = None) -> list[list[Completion]]:
-        """G completions per prompt, in :attr:`generate_calls` calls; an out-of-memory error doubles the calls.
+        """G completions per prompt, over ``generate_split.calls`` calls; an out-of-memory error doubles them.
 
         The RNG is seeded once per attempt, so a given number of calls always samples the same tokens.
         """
@@ -203,11 +154,9 @@ class SapoLearner:
         cfg = self.config
 
         def attempt():
-            per_call = -(-len(prompt_ids) // self.generate_calls)
             out = []
             with self.autocast():
-                for k, start in enumerate(range(0, len(prompt_ids), per_call)):
-                    chunk = prompt_ids[start:start + per_call]
+                for k, chunk in enumerate(self.generate_split.chunks(prompt_ids)):
                     out += sample_completions(
                         self.model, self.tokenizer, chunk, num_generations=cfg.num_generations,
                         max_new_tokens=new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -216,20 +165,12 @@ class SapoLearner:
                     )
             return out
 
-        def shrink() -> bool:
-            if self.generate_calls >= len(prompt_ids):
-                return False  # one prompt's G completions per call already
-            self.generate_calls = min(len(prompt_ids), self.generate_calls * 2)
+        halvings_before = stats.oom_halvings
+        sampled = retry_on_oom(attempt, lambda: self.generate_split.shrink(len(prompt_ids)),
+                               lambda: self._after_oom(stats))
+        stats.calls = self.generate_split.calls
+        if self.generate_split.round_done(stats.oom_halvings > halvings_before):
             self._static_caches.clear()  # the old batch shape's cache would only hold memory
-            return True
-
-        sampled = self._retry_on_oom(attempt, shrink, stats)
-        stats.calls = self.generate_calls
-        self._clean_generate = 0 if stats.oom_halvings else self._clean_generate + 1
-        if self.generate_calls > 1 and self._regrow_due(self._clean_generate):
-            self.generate_calls //= 2
-            self._static_caches.clear()
-            self._clean_generate = 0
         return sampled
 
     def static_cache_len(self) -> int | None:
@@ -242,7 +183,7 @@ class SapoLearner:
         if not cfg.compile_generate:
             return None
         length = cfg.max_prompt_tokens + cfg.max_new_tokens
-        limit = _max_positions(self.model)
+        limit = max_positions(self.model)
         return min(length, limit) if limit else length
 
     def _static_cache(self, rows: int):
@@ -261,68 +202,11 @@ class SapoLearner:
         return self._static_caches[rows]
 
     # --- start-up warm-up ---------------------------------------------------------------------------
-    def warmup(self) -> WarmupStats:
-        """Run the worst case of a round once, so that running out of memory happens now, not at round 500.
+    def warmup(self):
+        """The worst case of a round once, before the first one: see :func:`sapo.warmup.run_warmup`."""
+        from sapo.warmup import run_warmup
 
-        Generates I*G completions of exactly ``max_new_tokens`` (cut to the model's positions) from
-        prompts of different lengths, the longest ``max_prompt_tokens``: a round's generate always pads, and
-        the compiled decoding step is traced for the padded case here rather than in round 0. Then one
-        loss/backward over (I+J)*G rows of the longest prompt plus a full completion (the J external
-        groups are copies of local ones) in the micro-batches a round would use, with the same
-        out-of-memory fallback as :meth:`train`; on CUDA it also holds Adam's two state tensors per
-        parameter for a moment if they do not exist yet, as the first real step will. Then the gradients
-        are dropped: the optimizer never steps, the weights do not change, and the caller's RNG state (CPU
-        and CUDA) is restored.
-        """
-        cfg = self.config
-        stats = WarmupStats()
-        new_tokens = cfg.max_new_tokens
-        prompt_len = cfg.max_prompt_tokens
-        limit = _max_positions(self.model)
-        if limit:
-            new_tokens = min(new_tokens, limit - 1)
-            prompt_len = max(1, min(prompt_len, limit - new_tokens))
-        filler = "The quick brown fox jumps over the lazy dog; 12 + 34 = 46. "
-        unit = [t for t in self.tokenizer(filler, add_special_tokens=False)["input_ids"] if t != self.pad_id]
-        ids = (unit * (prompt_len // max(len(unit), 1) + 1))[:prompt_len]
-        # The longest prompt first, then shorter ones: left padding, as in every real round.
-        prompts = [ids[: max(1, prompt_len * (cfg.num_train_samples - k) // cfg.num_train_samples)]
-                   for k in range(cfg.num_train_samples)]
-        stats.prompt_tokens, stats.new_tokens = len(ids), new_tokens
-        cuda = self.device.type == "cuda"
-        devices = [self.device.index or 0] if cuda else []
-        gen = GenerateStats()
-        with torch.random.fork_rng(devices=devices):
-            if cuda:
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-            t0 = time.perf_counter()
-            sampled = self.sample(prompts, seed=0, new_tokens=new_tokens, stats=gen, min_new_tokens=new_tokens)
-            if cuda:
-                torch.cuda.synchronize(self.device)
-            t1 = time.perf_counter()
-            stats.generate_s = t1 - t0
-            stats.sequences_generated = sum(len(g) for g in sampled)
-            spread = [float(i % 2) for i in range(cfg.num_generations)]  # every group informative
-            groups = [Group(None, "", ids, completions, list(spread)) for completions in sampled]
-            groups += [groups[k % len(groups)] for k in range(cfg.num_transplant_trees)]
-            batch = build_batch(groups, ragged_group_advantages([g.rewards for g in groups]), self.pad_id)
-            batch = batch.to(self.device)
-            total_tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
-            train = TrainStats()
-            self._step_with_oom_fallback(batch, None, total_tokens, train, step=False)
-            if cuda:
-                torch.cuda.synchronize(self.device)
-            stats.train_s = time.perf_counter() - t1
-            stats.sequences_trained = len(batch)
-        stats.micro_batch_size, stats.micro_batch_tokens = train.micro_batch_size, train.micro_batch_tokens
-        stats.generate_calls = self.generate_calls
-        stats.oom_halvings = gen.oom_halvings + train.oom_halvings
-        if cuda:
-            stats.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-            del batch, groups, sampled
-            torch.cuda.empty_cache()  # give the worst case's cached blocks back; rounds allocate their own
-        return stats
+        return run_warmup(self)
 
     # --- external groups ----------------------------------------------------------------------------
     def rebuild_external(self, shared: SharedGroup) -> Group | str:
@@ -365,12 +249,11 @@ class SapoLearner:
         stats.completion_tokens = total_tokens
         old_logp = None
         if self.config.optimizer_steps_per_round > 1:
-            old_logp = self._retry_on_oom(lambda: self._batch_log_probs(batch), lambda: self._shrink(batch), stats)
+            old_logp = retry_on_oom(lambda: self._batch_log_probs(batch), lambda: self.micro.shrink(batch.lengths),
+                                    lambda: self._after_oom(stats))
         for _ in range(self.config.optimizer_steps_per_round):
-            self._step_with_oom_fallback(batch, old_logp, total_tokens, stats)
-        self._clean_train = 0 if stats.oom_halvings else self._clean_train + 1
-        if self._regrow_due(self._clean_train) and self.micro_tokens != self.config.micro_batch_tokens:
-            self._grow_back()
+            self.step_with_oom_fallback(batch, old_logp, total_tokens, stats)
+        self.micro.round_done(stats.oom_halvings > 0)
         stats.seconds = time.perf_counter() - t0
         return stats
 
@@ -387,65 +270,33 @@ class SapoLearner:
         finally:
             self.model.eval()
 
-    def _plan(self, batch: TrainBatch) -> list[tuple[int, int]]:
-        return plan_micro_batches(batch.lengths, max_rows=self.micro_rows, max_tokens=self.micro_tokens)
-
-    def _shrink(self, batch: TrainBatch) -> bool:
-        """Halve the largest micro-batch of ``batch``'s plan; False when every micro-batch is one row."""
-        lengths, ranges = batch.lengths, self._plan(batch)
-        if all(stop - start == 1 for start, stop in ranges):
-            return False
-        largest = padded_tokens(lengths, ranges)
-        if not self.micro_tokens:
-            self._tokens_ceiling = largest
-        self.micro_tokens = max(1, largest // 2)
-        return True
-
-    def _grow_back(self) -> None:
-        configured = self.config.micro_batch_tokens
-        grown = self.micro_tokens * 2
-        if (configured and grown >= configured) or (not configured and grown >= self._tokens_ceiling):
-            grown = configured
-        self.micro_tokens = grown
-        self._clean_train = 0
-
-    def _regrow_due(self, clean_rounds: int) -> bool:
-        every = self.config.oom_regrow_rounds
-        return every > 0 and clean_rounds >= every
-
-    def _retry_on_oom(self, attempt, shrink, stats):
-        """``attempt()``; on an out-of-memory error, ``shrink()`` and again until it returns False (then raise)."""
-        while True:
-            try:
-                return attempt()
-            except RuntimeError as err:  # torch.OutOfMemoryError is one
-                if not is_out_of_memory(err) or not shrink():
-                    raise
-            # Out of the except block, the failed attempt's frames and tensors are gone: give them back.
-            stats.oom_halvings += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+    def _after_oom(self, stats) -> None:
+        """After a failed attempt: count it, drop partial gradients, give cached blocks back to the device."""
+        stats.oom_halvings += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def _batch_log_probs(self, batch: TrainBatch) -> torch.Tensor:
         """(K,) log-probs of every completion token under the current policy (the multi-step path's old policy)."""
         with self.autocast():
             parts = [completion_log_probs(self.model, batch.rows(a, b), self.config.temperature,
-                                          split_head=self.split_head) for a, b in self._plan(batch)]
+                                          split_head=self.split_head) for a, b in self.micro.plan(batch.lengths)]
         return torch.cat(parts)
 
-    def _step_with_oom_fallback(self, batch: TrainBatch, old_logp, total_tokens: int, stats: TrainStats,
-                                step: bool = True) -> None:
-        self._retry_on_oom(lambda: self._step(batch, old_logp, total_tokens, stats, step=step),
-                           lambda: self._shrink(batch), stats)
+    def step_with_oom_fallback(self, batch: TrainBatch, old_logp, total_tokens: int, stats: TrainStats,
+                               step: bool = True) -> None:
+        """:meth:`_step`, halving the micro-batches after each out-of-memory error (raised at one row each)."""
+        retry_on_oom(lambda: self._step(batch, old_logp, total_tokens, stats, step=step),
+                     lambda: self.micro.shrink(batch.lengths), lambda: self._after_oom(stats))
 
     def _step(self, batch: TrainBatch, old_logp: torch.Tensor | None, total_tokens: int, stats: TrainStats,
               step: bool = True) -> None:
         """Forward/backward over the micro-batches, then one optimizer step (``step=False``: the warm-up's
         dry run, which drops the gradients instead)."""
         cfg = self.config
-        ranges = self._plan(batch)
+        ranges = self.micro.plan(batch.lengths)
         mask, _ = predicted_positions(batch)
         offsets = [0] + torch.cumsum(mask.sum(dim=1), 0).tolist()  # row -> first of its tokens in old_logp
         self.optimizer.zero_grad(set_to_none=True)

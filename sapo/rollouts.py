@@ -83,6 +83,16 @@ def decode_completion(tokenizer, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings allow, when its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def make_static_cache(model, rows: int, max_len: int):
     """A static KV cache of ``max_len`` positions for ``rows`` sequences, to pass to :func:`sample_completions`
     (and reuse) with ``cache=``. Its tensors are allocated by the first generate that uses it."""

@@ -150,7 +150,7 @@ def test_warmup_out_of_memory_halves_the_micro_batch_and_keeps_it(monkeypatch):
     stats = learner.warmup()
     width = learner.config.max_prompt_tokens + learner.config.max_new_tokens
     assert stats.micro_batch_size == 4 and stats.oom_halvings == 2  # 16 -> 8 -> 4 rows
-    assert learner.micro_tokens == 4 * width and stats.micro_batch_tokens == 4 * width
+    assert learner.micro.tokens == 4 * width and stats.micro_batch_tokens == 4 * width
     assert learner.optimizer.state == {}
     assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())
 

@@ -21,7 +21,8 @@ from sapo.batch import (
 )
 from sapo.config import SapoConfig, TaskSpec
 from sapo.grpo import token_log_probs
-from sapo.learner import SapoLearner, is_out_of_memory
+from sapo.learner import SapoLearner
+from sapo.oom import is_out_of_memory
 from sapo.rollouts import Completion, Group, sample_completions
 from sapo.tiny_model import build_tiny_gpt2
 
@@ -148,18 +149,18 @@ def test_generate_out_of_memory_splits_the_prompts_then_grows_back(monkeypatch):
     questions = learner.sample_questions("w", 0)
     groups, stats = learner.generate(questions, seed=1)
     assert [len(g.completions) for g in groups] == [4, 4, 4, 4]
-    assert stats.oom_halvings == 2 and stats.calls == 4 and learner.generate_calls == 4
+    assert stats.oom_halvings == 2 and stats.calls == 4 and learner.generate_split.calls == 4
     assert seen[:3] == [16, 8, 4]
     monkeypatch.undo()
     learner.generate(questions, seed=1)  # one clean round: still split
-    assert learner.generate_calls == 4
+    assert learner.generate_split.calls == 4
     learner.generate(questions, seed=1)  # the second clean round: doubles back
-    assert learner.generate_calls == 2
+    assert learner.generate_split.calls == 2
 
 
 def test_generate_with_the_same_split_samples_the_same_tokens(monkeypatch):
     a, b = _learner(), _learner()
-    b.generate_calls = 2
+    b.generate_split.calls = 2
     questions = a.sample_questions("w", 3)
     ga, _ = a.generate(questions, seed=5)
     gb, _ = b.generate(questions, seed=5)
@@ -215,12 +216,12 @@ def test_halved_micro_batches_grow_back_after_clean_rounds(monkeypatch):
     monkeypatch.setattr(learner.model.transformer, "forward", lambda *a, **k: (
         (_ for _ in ()).throw(torch.OutOfMemoryError("fake")) if k["input_ids"].shape[0] > 4 else real(*a, **k)))
     first = learner.train(groups)
-    assert first.micro_batch_size == 4 and learner.micro_tokens > 0
+    assert first.micro_batch_size == 4 and learner.micro.tokens > 0
     monkeypatch.undo()
     learner.train(groups)
-    assert learner.micro_tokens > 0  # one clean round is not enough
+    assert learner.micro.tokens > 0  # one clean round is not enough
     learner.train(groups)
-    assert learner.micro_tokens == 0  # back to the configured "no limit" (a CPU's auto)
+    assert learner.micro.tokens == 0  # back to the configured "no limit" (a CPU's auto)
     assert learner.train(groups).micro_batch_size == 8
 
 
