@@ -651,6 +651,7 @@ def validate_experiment(config) -> list[Check]:
     except (OSError, ValueError) as err:
         checks.append(Check("state", False, f"{layout.relative(layout.state_file())}: {err}"))
     # config snapshot
+    snap = None
     try:
         snap = ConfigSnapshot.from_json(_read_json(layout.config_file()), expect_experiment=name)
         checks.append(Check("config snapshot", True, f"written by {snap.written_by}"))
@@ -683,17 +684,17 @@ def validate_experiment(config) -> list[Check]:
         checks.append(Check(f"{kind} files", not bad, "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)"
                             if len(bad) > 3 else "") if bad else f"{count} files valid"))
     # archived rollouts count as present
-    if layout.archive_root is not None and (layout.archive_root / "rollouts").is_dir():
-        for rdir in (layout.archive_root / "rollouts").iterdir():
+    archive = layout.archive_root / "rollouts" if layout.archive_root is not None else None
+    archived = archive is not None and archive.is_dir()
+    if archived:
+        for rdir in archive.iterdir():
             r = parse_round_dir(rdir.name)
             if r is not None:
                 for f in rdir.rglob("*.json"):
                     rollouts.setdefault(f.stem, set()).add(r)
+    pruned_below = _pruned_below(layout, config, snap, archived)
     # per worker
     expected = set(range(max_rounds))
-    kept_from = 0
-    if config.exchange.cleanup_enabled and not config.exchange.archive_old:
-        kept_from = max(0, max_rounds - config.exchange.keep_last_n_rounds)
     for i in range(1, config.supervisor.workers + 1):
         w = f"worker_{i}"
         skipped: set[int] = set()
@@ -738,12 +739,38 @@ def validate_experiment(config) -> list[Check]:
         checks.append(Check(f"{w} metrics", not problems, "; ".join(problems[:4]) if problems else
                             f"{len(trained)} lines, rounds {_ranges(trained)}"
                             + (f", skipped {_ranges(skipped)}" if skipped else "")))
-        no_rollouts = {r for r in trained if r >= kept_from} - rollouts.get(w, set())
-        checks.append(Check(f"{w} rollouts", bool(trained) and not no_rollouts,
-                            f"no rollout file for trained rounds {_ranges(no_rollouts)}" if no_rollouts else
-                            (f"rollout files for rounds {_ranges(set(trained) & rollouts.get(w, set()))}"
-                             if trained else "no trained rounds")))
+        checks.append(_rollouts_check(w, trained, rollouts.get(w, set()), pruned_below))
     return checks
+
+
+def _pruned_below(layout, config, snap, archived: bool) -> int:
+    """Rounds below this were removed by retention without an archive to check them against (0: none).
+
+    The experiment's own settings (its config snapshot) decide, since the run may have been launched with
+    overrides this command was not given; the oldest round directory still present says how far it got.
+    """
+    exchange = {"cleanup_enabled": config.exchange.cleanup_enabled, "archive_old": config.exchange.archive_old}
+    if snap is not None and isinstance(snap.config.get("exchange"), dict):
+        exchange.update(snap.config["exchange"])
+    if not exchange.get("cleanup_enabled") or (exchange.get("archive_old") and archived):
+        return 0
+    live = layout.root / "rollouts"
+    rounds = [r for r in (parse_round_dir(d.name) for d in live.iterdir()) if r is not None] if live.is_dir() else []
+    return min(rounds) if rounds else 0
+
+
+def _rollouts_check(worker: str, trained: list[int], present: set[int], pruned_below: int) -> Check:
+    """Every trained round has this worker's rollout file, unless retention removed that round."""
+    pruned = {r for r in trained if r < pruned_below} - present
+    missing = set(trained) - present - pruned
+    if not trained:
+        return Check(f"{worker} rollouts", False, "no trained rounds")
+    if missing:
+        return Check(f"{worker} rollouts", False, f"no rollout file for trained rounds {_ranges(missing)}")
+    detail = f"rollout files for rounds {_ranges(set(trained) & present)}"
+    if pruned:
+        detail += f"; rounds {_ranges(pruned)} pruned by retention"
+    return Check(f"{worker} rollouts", True, detail)
 
 
 def cmd_validate(args) -> int:

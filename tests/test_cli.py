@@ -273,6 +273,48 @@ def test_validate_fails_naming_what_is_wrong(tmp_path, rt, capsys):
     assert "does not exist" in capsys.readouterr().out
 
 
+def _retained(tmp_path, *, archive: bool, archive_dir_exists: bool = True):
+    """A finished 12-round experiment whose snapshot says retention kept the last 4 rounds."""
+    layout = make_experiment(tmp_path / "shared", rounds=12)
+    snapshot = json.loads(layout.config_file().read_text())
+    snapshot["config"]["exchange"] = {"cleanup_enabled": True, "keep_last_n_rounds": 4, "archive_old": archive}
+    layout.config_file().write_text(json.dumps(snapshot))
+    archive_root = layout.archive_root / "rollouts"
+    for r in range(8):  # what retention did at round 11
+        src = layout.root / "rollouts" / f"round_{r}"
+        if archive and archive_dir_exists:
+            archive_root.mkdir(parents=True, exist_ok=True)
+            src.rename(archive_root / f"round_{r}")
+        else:
+            for f in src.rglob("*.json"):
+                f.unlink()
+            for d in sorted(src.rglob("*"), reverse=True):
+                d.rmdir()
+            src.rmdir()
+    return layout
+
+
+def test_validate_knows_rounds_pruned_by_retention(tmp_path, rt, capsys):
+    cfg = config_yaml(tmp_path / "cfg.yaml", tmp_path / "shared", workers=2)  # the CLI's own config: no cleanup
+    layout = _retained(tmp_path, archive=False)
+    assert cli.main(["validate", str(cfg), "--set", "experiment.max_rounds=12"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds 0-7 pruned by retention" in out and "FAIL" not in out
+    layout.rollout_file(9, 0, "worker_1").unlink()  # a kept round that lost its file is still a failure
+    assert cli.main(["validate", str(cfg), "--set", "experiment.max_rounds=12"]) == 1
+    assert "no rollout file for trained rounds 9" in capsys.readouterr().out
+
+
+def test_validate_checks_archived_rounds_against_the_archive(tmp_path, rt, capsys):
+    cfg = config_yaml(tmp_path / "cfg.yaml", tmp_path / "shared", workers=2)
+    layout = _retained(tmp_path, archive=True)
+    assert cli.main(["validate", str(cfg), "--set", "experiment.max_rounds=12"]) == 0
+    assert "pruned by retention" not in capsys.readouterr().out  # they are all in the archive
+    (layout.archive_root / "rollouts" / "round_3" / "stage_0" / "worker_2.json").unlink()
+    assert cli.main(["validate", str(cfg), "--set", "experiment.max_rounds=12"]) == 1
+    assert "no rollout file for trained rounds 3" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- launch (real processes)
 
 def test_foreground_launch_runs_to_the_end_with_plain_log_lines(tmp_path, rt, reaper):
