@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     runtime_dir = default_runtime_dir(config.experiment_dir)
     # Under the supervisor the JSON log file is the record; stderr then only carries what crashes print.
     supervised = bool(os.environ.get("SWARM_RUNTIME_DIR")) and not sys.stderr.isatty()
-    configure_logging(runtime_dir / "logs" / f"{node_id}.log", console=not supervised)
+    configure_logging(runtime_dir / "logs" / f"{node_id}.log", console="none" if supervised else "auto")
     bind(node_id=node_id, role=role, pid=os.getpid())
     stop = StopFlag().install()
     layout = ExperimentLayout.from_config(config)

@@ -33,6 +33,8 @@ import yaml
 
 from node.config import resolve_config
 from node.layout import ExperimentLayout, parse_round_dir, parse_stage_dir
+from node.logs import configure_logging as setup_logging
+from node.logs import rotated_files
 from node.schemas import ConfigSnapshot, PeerRecord, RolloutFile, RoundResult, RoundState, validate_metrics_line
 from sapo.config import ConfigError
 from supervisor import procs
@@ -56,15 +58,6 @@ class CommandError(Exception):
 
 # --------------------------------------------------------------------------- logging
 
-SHARED_PROCESSORS = [
-    structlog.contextvars.merge_contextvars,
-    structlog.stdlib.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
-    structlog.processors.StackInfoRenderer(),
-    structlog.processors.format_exc_info,
-]
-
-
 class RingHandler(logging.Handler):
     """Keeps the last formatted lines for the live display."""
 
@@ -80,39 +73,9 @@ class RingHandler(logging.Handler):
 
 
 def configure_logging(log_file: Path | None, console: str = "plain", ring: deque | None = None) -> None:
-    """structlog through stdlib logging: JSON lines to ``log_file``; the console as ``tty`` (colours),
-    ``plain`` (readable, no colours) or ``none``; ``ring`` collects plain lines for the live display."""
-    structlog.configure(
-        processors=[*SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
-    )
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(logging.INFO)
-
-    def formatter(renderer) -> logging.Formatter:
-        return structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=SHARED_PROCESSORS,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer])
-
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, encoding="utf-8")
-        fh.setFormatter(formatter(structlog.processors.JSONRenderer()))
-        root.addHandler(fh)
-    if console in ("tty", "plain"):
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(formatter(structlog.dev.ConsoleRenderer(colors=console == "tty")))
-        root.addHandler(sh)
-    if ring is not None:
-        rh = RingHandler(ring)
-        rh.setFormatter(formatter(structlog.processors.JSONRenderer()))  # rendered by the display
-        root.addHandler(rh)
-    logging.getLogger("filelock").setLevel(logging.WARNING)
+    """node.logs' one setup: JSON lines to ``log_file`` (rotated); the console as ``tty``, ``plain`` or
+    ``none``; ``ring`` collects lines for the live display."""
+    setup_logging(log_file, console=console, handlers=(RingHandler(ring),) if ring is not None else ())
 
 
 # --------------------------------------------------------------------------- formatting helpers
@@ -557,7 +520,9 @@ def cmd_logs(args) -> int:
         print(f"No logs yet in {paths.logs_dir}.", file=sys.stderr)
         if not args.follow:
             return 0
-    for label, line in merged_tail(files, args.lines):
+    # The tail reaches into rotated files (<name>.log.1, ...) too; following watches the live ones.
+    history = [(label, old, skip) for label, path, skip in files for old in rotated_files(path)[:-1]]
+    for label, line in merged_tail(history + files, args.lines):
         emit(label, line)
     if args.follow:
         try:

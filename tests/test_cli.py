@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -363,3 +364,26 @@ def test_the_supervisor_never_imports_torch():
     code = ("import sys, supervisor.cli, supervisor.daemon, supervisor.systemd, supervisor.gpu; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_logs_read_rotated_files_too(tmp_path, rt, capsys):
+    """A long run's node log rotates (node.logs.LOG_MAX_BYTES); `swarm logs` still shows the lines before it."""
+    from node.logs import configure_logging, rotated_files
+
+    cfg = config_yaml(tmp_path / "cfg.yaml", tmp_path / "shared", workers=1)
+    config = resolve_config(cfg, environ={})
+    log_path = RuntimePaths.for_config(config).node_log("worker_1")
+    configure_logging(log_path, console="none", max_bytes=400, backups=2)
+    import structlog
+
+    log = structlog.get_logger("test")
+    for i in range(12):
+        log.info("line", n=i)
+    logging.getLogger().handlers[0].flush()
+    files = rotated_files(log_path, backups=2)
+    assert len(files) == 3 and all(f.stat().st_size <= 400 for f in files)  # rotated, bounded, oldest dropped
+    configure_logging(None, console="none")
+    assert cli.main(["logs", str(cfg), "--node", "worker_1", "--lines", "100"]) == 0
+    out = capsys.readouterr().out
+    shown = [int(x.split("n=")[1].split()[0]) for x in out.splitlines() if "n=" in x]
+    assert shown == sorted(shown) and shown[-1] == 11 and len(shown) > 3  # the live file alone holds ~2 lines
