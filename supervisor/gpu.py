@@ -5,10 +5,10 @@ supervisor then watches with psutil only and says so once. :func:`requested_gpu`
 operator asked for (``supervisor.gpu``, else an inherited ``CUDA_VISIBLE_DEVICES``, else GPU 0) and
 :meth:`GpuInfo.device` turns it into a :class:`GpuDevice` (a whole GPU or a MIG instance) with its UUID,
 which is what workers get in ``CUDA_VISIBLE_DEVICES``: a UUID means one device whatever the order.
-:class:`FakeGpu` stands in for NVML in tests and reports only PIDs that really live. NVML reports PIDs
-as the host sees them; a node's PID inside a container differs, so :func:`match_gpu_processes` tries
-every PID of the node's ``NSpid:`` line. Unknown is never zero: a process list NVML cannot give is
-None, a process whose memory NVML does not report has ``used_bytes`` None. Never imports torch.
+Tests pass ``tests/doubles.py``'s ``FakeGpu`` instead. NVML reports PIDs as the host sees them; a node's
+PID inside a container differs, so :func:`match_gpu_processes` tries every PID of the node's ``NSpid:``
+line. Unknown is never zero: a process list NVML cannot give is None, a process whose memory NVML does
+not report has ``used_bytes`` None. Never imports torch.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
-import psutil
 import structlog
 
 GIB = 1024 ** 3
@@ -124,14 +123,19 @@ def requested_gpu(configured: str | int, environ: Mapping[str, str]) -> GpuReque
     return GpuRequest(first, "CUDA_VISIBLE_DEVICES", inherited)
 
 
-def _match_uuid(candidates: Sequence[GpuDevice], spec: str, seen: str) -> GpuDevice:
+def is_index(spec: str) -> bool:
+    """True when ``spec`` names a GPU by its NVML index (else it is a UUID or a UUID prefix)."""
+    return _INDEX.fullmatch(spec) is not None
+
+
+def match_uuid(candidates: Sequence[GpuDevice], spec: str) -> GpuDevice:
     """The one candidate whose UUID is ``spec`` or starts with it (CUDA accepts unique prefixes too)."""
     exact = [d for d in candidates if d.uuid == spec]
     found = exact or [d for d in candidates if d.uuid.startswith(spec)]
     if len(found) == 1:
         return found[0]
     why = "is ambiguous" if found else "matches no device"
-    raise NoSuchGpu(f"{spec} {why}; NVML sees {seen}")
+    raise NoSuchGpu(f"{spec} {why}; NVML sees {seen_text(candidates)}")
 
 
 def _used_bytes(value) -> int | None:
@@ -197,7 +201,7 @@ class NvmlGpu:
     def device(self, spec: str) -> GpuDevice:
         nv = self._nv
         spec = str(spec).strip()
-        if _INDEX.fullmatch(spec):
+        if is_index(spec):
             index, count = int(spec), self.device_count()
             if index >= count:
                 raise NoSuchGpu(f"no GPU {index}; NVML sees {self._seen()}")
@@ -207,7 +211,7 @@ class NvmlGpu:
                 handle = nv.nvmlDeviceGetHandleByUUID(spec)
             except Exception:  # noqa: BLE001 - NVMLError_NotFound: a prefix, or a MIG UUID on an old driver
                 inventory = self._inventory()
-                handle = self._find_handle(_match_uuid(inventory, spec, _seen_text(inventory)).uuid)
+                handle = self._find_handle(match_uuid(inventory, spec).uuid)
             if self._is_mig(handle):
                 return self._remember(self._describe(handle, mig=True), handle)
             index = self._index(handle)
@@ -295,7 +299,7 @@ class NvmlGpu:
             devices = self._inventory()
         except Exception as err:  # noqa: BLE001 - an error message must not fail
             return f"devices it cannot list ({type(err).__name__}: {err})"
-        return _seen_text(devices)
+        return seen_text(devices)
 
     def _handle_of(self, device: GpuDevice):
         if device.uuid not in self._handles:
@@ -377,7 +381,8 @@ class NvmlGpu:
                 pass
 
 
-def _seen_text(devices: Sequence[GpuDevice]) -> str:
+def seen_text(devices: Sequence[GpuDevice]) -> str:
+    """``GPU 0 GPU-… (name, 80.0 GiB); …`` for error messages, or "no devices"."""
     if not devices:
         return "no devices"
     return "; ".join(d.describe() for d in devices)
@@ -403,106 +408,6 @@ def open_gpu(log=None) -> GpuInfo | None:
         why = f"{type(err).__name__}: {err}".strip().rstrip(":")
     log.info(f"NVML unavailable ({why}): monitoring with psutil only")
     return None
-
-
-# --------------------------------------------------------------------------- fake
-
-def fake_uuid(gpu: int, mig: int | None = None) -> str:
-    """The UUID :class:`FakeGpu` gives GPU ``gpu`` (or its MIG instance ``mig``)."""
-    if mig is None:
-        return f"GPU-{gpu:08x}-0000-4000-8000-000000000000"
-    return f"MIG-{gpu:04x}{mig:04x}-0000-4000-8000-000000000000"
-
-
-class FakeGpu:
-    """A stand-in for tests: ``devices`` GPUs of ``total_bytes``, a mutable ``used`` map pid→bytes (None: unknown).
-
-    Like NVML it lists only processes that really exist (psutil, zombies excluded), except PIDs
-    told to :meth:`linger`: those stay listed for a while after death, as a killed CUDA process's
-    memory does until the driver frees it. ``used`` is the process table of whichever device is asked
-    (the supervisor asks about one). ``totals={1: bytes}`` gives GPU 1 another size than ``total_bytes``;
-    ``mig={0: [bytes, …]}`` puts GPU 0 in MIG mode with instances of those sizes; ``readable = False``
-    makes the process list unreadable (``processes`` gives None).
-    """
-
-    def __init__(self, total_bytes: int, used: Mapping[int, int | None] | None = None, *, devices: int = 1,
-                 utilization: int | None = 0, clock: Callable[[], float] = time.monotonic,
-                 totals: Mapping[int, int] | None = None, mig: Mapping[int, Sequence[int]] | None = None):
-        self.total_bytes = int(total_bytes)
-        self.totals = {int(k): int(v) for k, v in (totals or {}).items()}
-        self.used: dict[int, int | None] = dict(used or {})
-        self.devices = devices
-        self.util = utilization
-        self.clock = clock
-        self.mig = {int(k): [int(b) for b in v] for k, v in (mig or {}).items()}
-        self.readable = True
-        self.lingering: dict[int, float] = {}  # pid -> monotonic time it stops being listed
-        self.closed = False
-        self.asked: list[GpuDevice] = []  # every device processes() was asked about
-
-    def linger(self, pid: int, seconds: float = float("inf")) -> None:
-        """Keep listing ``pid`` for ``seconds`` even once it is dead (until :meth:`release`)."""
-        self.lingering[pid] = self.clock() + seconds
-
-    def release(self, pid: int) -> None:
-        """The driver freed ``pid``'s memory: stop listing it once it is dead."""
-        self.lingering.pop(pid, None)
-        self.used.pop(pid, None)
-
-    def _listed(self, pid: int) -> bool:
-        until = self.lingering.get(pid)
-        if until is not None and self.clock() < until:
-            return True
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.AccessDenied:
-            return True
-
-    def _check(self) -> None:
-        if self.closed:
-            raise RuntimeError("FakeGpu used after close()")
-
-    def _gpus(self) -> list[GpuDevice]:
-        return [GpuDevice(fake_uuid(i), i, self.totals.get(i, self.total_bytes), "Fake GPU")
-                for i in range(self.devices)]
-
-    def _migs(self, index: int) -> list[GpuDevice]:
-        return [GpuDevice(fake_uuid(index, j), index, size, f"Fake GPU MIG {size // GIB}gb", mig=True)
-                for j, size in enumerate(self.mig.get(index, []))]
-
-    def device_count(self) -> int:
-        self._check()
-        return self.devices
-
-    def device(self, spec: str) -> GpuDevice:
-        self._check()
-        spec = str(spec).strip()
-        inventory = [d for g in self._gpus() for d in (g, *self._migs(g.index))]
-        if _INDEX.fullmatch(spec):
-            if int(spec) >= self.devices:
-                raise NoSuchGpu(f"no GPU {int(spec)}; NVML sees {_seen_text(inventory)}")
-            found = self._gpus()[int(spec)]
-        else:
-            found = _match_uuid(inventory, spec, _seen_text(inventory))
-        if not found.mig and self._migs(found.index):
-            return self._migs(found.index)[0]
-        return found
-
-    def processes(self, device: GpuDevice) -> list[GpuProcess] | None:
-        self._check()
-        self.asked.append(device)
-        if not self.readable:
-            return None
-        return [GpuProcess(pid, used) for pid, used in sorted(self.used.items()) if self._listed(pid)]
-
-    def utilization(self, device: GpuDevice) -> int | None:
-        self._check()
-        return None if device.mig else self.util  # NVML: not supported on a MIG instance
-
-    def close(self) -> None:
-        self.closed = True
 
 
 # --------------------------------------------------------------------------- PID mapping

@@ -1,9 +1,9 @@
 """OS calls behind one object: spawn, signal a process group, liveness, reaping, clocks, exit reasons.
 
 The monitor loop takes an :class:`OS`-shaped object; production passes :class:`RealOS`, state-machine
-tests pass :class:`FakeOS` with a scripted history. Everything here is Linux-first: children start in
-their own session (so a signal to the group reaches grandchildren) with ``PR_SET_PDEATHSIG = SIGKILL``
-(so no node outlives the supervisor, even after ``kill -9`` of the supervisor).
+tests pass ``tests/doubles.py``'s ``FakeOS`` with a scripted history. Everything here is Linux-first:
+children start in their own session (so a signal to the group reaches grandchildren) with
+``PR_SET_PDEATHSIG = SIGKILL`` (so no node outlives the supervisor, even after ``kill -9`` of it).
 """
 
 from __future__ import annotations
@@ -266,84 +266,3 @@ class RealOS:
 
     def sleep(self, seconds: float) -> None:
         time.sleep(max(0.0, seconds))
-
-
-class FakeProcess:
-    """A scripted process of :class:`FakeOS` (quacks like the bits of Popen the loop uses)."""
-
-    def __init__(self, pid: int, argv: Sequence[str], env, cwd):
-        self.pid = pid
-        self.args = list(argv)
-        self.env = dict(env or {})
-        self.cwd = cwd
-        self.returncode: int | None = None
-        self.signals: list[int] = []
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-
-class FakeOS:
-    """An honest stand-in for tests of the state machine: manual clocks, scripted exits.
-
-    ``spawn`` records the call and returns a :class:`FakeProcess`; ``exit(pid, code)`` scripts its
-    end (a negative code is a signal). ``signal_group`` records the signal; with ``obey_signals``
-    (default) SIGTERM/SIGINT/SIGKILL end the process as a real one would. ``spawn_error`` makes the
-    next spawns raise it. ``sleep`` advances the clocks.
-    """
-
-    def __init__(self, start: float = 1000.0, *, obey_signals: bool = True):
-        self.mono = start
-        self.wall = 1_700_000_000.0
-        self.obey_signals = obey_signals
-        self.next_pid = 10_000
-        self.procs: dict[int, FakeProcess] = {}
-        self.spawned: list[FakeProcess] = []
-        self.sent: list[tuple[int, int]] = []
-        self.spawn_error: OSError | None = None
-
-    # clocks
-    def monotonic(self) -> float:
-        return self.mono
-
-    def now(self) -> float:
-        return self.wall
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-        self.wall += seconds
-
-    def sleep(self, seconds: float) -> None:
-        self.advance(max(0.0, seconds))
-
-    # processes
-    def spawn(self, argv, *, env, cwd, stdout_path, stderr_path) -> FakeProcess:
-        if self.spawn_error is not None:
-            raise self.spawn_error
-        self.next_pid += 1
-        proc = FakeProcess(self.next_pid, argv, env, cwd)
-        self.procs[proc.pid] = proc
-        self.spawned.append(proc)
-        return proc
-
-    def exit(self, pid: int, returncode: int) -> None:
-        proc = self.procs[pid]
-        if proc.returncode is None:
-            proc.returncode = returncode
-
-    def signal_group(self, pid: int, sig: int) -> bool:
-        self.sent.append((pid, int(sig)))
-        proc = self.procs.get(pid)
-        if proc is None or proc.returncode is not None:
-            return False
-        proc.signals.append(int(sig))
-        if self.obey_signals and sig in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGKILL):
-            proc.returncode = -int(sig)
-        return True
-
-    def is_alive(self, pid: int) -> bool:
-        proc = self.procs.get(pid)
-        return proc is not None and proc.returncode is None
-
-    def reap(self, popen: FakeProcess) -> int | None:
-        return popen.poll()

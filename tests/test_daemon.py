@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from doubles import FakeOS
 from fake_node import FAKE_NODE, alive, config_yaml, drive, kill_descendants, set_subreaper, fake_config, \
     wait_for, write_heartbeat
 from supervisor import cli
 from supervisor.daemon import AlreadyRunning, RuntimePaths, Supervisor, read_status
-from supervisor.procs import FakeOS
 from supervisor.sdnotify import SdNotifier
 from supervisor.states import NodeState
 

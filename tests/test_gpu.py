@@ -13,9 +13,10 @@ import types
 
 import pytest
 
+from doubles import FakeGpu, fake_uuid
 from supervisor import gpu as gpumod
 from supervisor.gpu import (
-    GIB, FakeGpu, GpuDevice, GpuProcess, NoSuchGpu, NvmlGpu, PlanError, Release, fake_uuid, match_gpu_processes,
+    GIB, GpuDevice, GpuProcess, NoSuchGpu, NvmlGpu, PlanError, Release, match_gpu_processes,
     nvml_pids_for, open_gpu, plan_memory, requested_gpu, wait_gpu_released,
 )
 

@@ -13,14 +13,14 @@ import time
 import pytest
 import structlog
 
+from doubles import FakeGpu, FakeOS, fake_uuid
 from fake_node import FAKE_NODE, drive, fake_config, kill_descendants, set_subreaper
 from node import __main__ as node_main
 from node.config import resolve_config
 from sapo.config import ConfigError
 from supervisor import cli, daemon
 from supervisor.daemon import Supervisor, cpu_share, plan_launch, read_status
-from supervisor.gpu import GIB, FakeGpu, PlanError, fake_uuid
-from supervisor.procs import FakeOS
+from supervisor.gpu import GIB, PlanError
 from supervisor.sdnotify import SdNotifier
 from supervisor.states import NodeState
 from test_daemon import RecordingLog, advance, start_all

@@ -334,7 +334,7 @@ def test_swarm_with_warmup_and_levers_on_cpu_finishes_and_validates(tmp_path):
 def _env_of_spawned(tmp_path, workers, environ):
     from fake_node import fake_config, write_heartbeat
     from supervisor.daemon import Supervisor
-    from supervisor.procs import FakeOS
+    from doubles import FakeOS
     from supervisor.sdnotify import SdNotifier
 
     fos = FakeOS()

@@ -13,8 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from doubles import FakeOS
 from supervisor import procs
-from supervisor.procs import FakeOS, RealOS, classify_exit, is_alive, signal_group, spawn, tail_file
+from supervisor.procs import RealOS, classify_exit, is_alive, signal_group, spawn, tail_file
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]

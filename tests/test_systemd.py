@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from doubles import FakeOS
 from fake_node import fake_config
 from supervisor import cli
 from supervisor.daemon import Supervisor
-from supervisor.procs import FakeOS
 from supervisor.sdnotify import SdNotifier
 from supervisor.systemd import render_unit, unit_name
 from test_daemon import RecordingLog, beat
