@@ -24,7 +24,8 @@ from node.layout import ExperimentLayout
 from node.logs import bind, configure_logging
 from node.runtime import (EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested,
                           ensure_config_snapshot)
-from node.storage import SharedStore, is_transient
+from node.retry import is_transient
+from node.storage import SharedStore
 from sapo.config import ConfigError
 
 log = structlog.get_logger("node")

@@ -23,8 +23,9 @@ from pathlib import Path
 import filelock
 import structlog
 
+from node.fsio import BadFile
 from node.layout import ARCHIVE_KINDS, parse_round_dir, parse_stage_dir
-from node.storage import BadFile, SharedStore
+from node.storage import SharedStore
 
 log = structlog.get_logger(__name__)
 

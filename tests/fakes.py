@@ -3,7 +3,7 @@
 import errno
 import os
 
-from node.storage import RealFS
+from node.fsio import RealFS
 
 
 class FlakyFS(RealFS):

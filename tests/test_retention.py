@@ -11,7 +11,8 @@ import pytest
 
 from node.layout import ExperimentLayout
 from node.retention import apply_retention, rounds_to_remove
-from node.storage import RealFS, SharedStore
+from node.fsio import RealFS
+from node.storage import SharedStore
 
 
 class HookFS(RealFS):

@@ -13,8 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from node.layout import ExperimentLayout
+from node.retry import TRANSIENT_ERRNOS, retry
 from node.schemas import PeerRecord, Rollout, RolloutFile, RoundResult, TaskRef
-from node.storage import RealFS, SharedStore, TRANSIENT_ERRNOS, parse_json_bytes, retry
+from node.storage import SharedStore
+from node.strict_json import parse_json_bytes
 
 from fakes import FlakyFS
 

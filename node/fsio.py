@@ -1,0 +1,341 @@
+"""File I/O that survives crashes and hostile files: the one atomic write, append, checked reads, listing.
+
+Used for the shared experiment directory (through :class:`node.storage.SharedStore`, which adds
+confinement, retries and the spool) and for local files (heartbeats, the spool itself, operator tools).
+
+- :func:`write_atomic`: a temp file in the same directory, every byte written, fsync, ``os.replace``,
+  fsync the directory. A reader never sees half a file of ours; the temp file is removed on failure.
+- :func:`append_bytes`: ``O_APPEND``, write, fsync; on failure the file is cut back to its old length.
+- :func:`read_capped` / :func:`iter_jsonl` / :func:`read_jsonl`: ``lstat`` first (no symlinks, regular
+  files only, size cap), then ``O_NOFOLLOW|O_NONBLOCK`` and ``fstat`` again; a refused file raises
+  :class:`BadFile`, a missing one FileNotFoundError.
+- :func:`sort_entries` / :func:`list_files`: the regular files of a directory, hidden (temp) files
+  skipped, symlinks and other names refused without ever being opened.
+
+Every function takes ``fs`` (the OS calls, :class:`RealFS` by default), so tests can make a "mount" fail
+with ``EIO``/``ENOTCONN``/``ENOSPC`` at will.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from node.strict_json import parse_json_bytes
+
+TEMP_SUFFIX = ".tmp"
+DEFAULT_MAX_JSONL_BYTES = 512 * 1024 * 1024
+# Errors from fsync on a directory that only mean "not supported here" (FUSE, some network filesystems).
+_DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF, errno.EACCES, errno.EPERM})
+_READ_CHUNK = 1 << 20
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class RealFS:
+    """The OS calls made on files here; tests substitute a faulty one."""
+
+    def open(self, path, flags: int, mode: int = 0o666) -> int:
+        return os.open(path, flags, mode)
+
+    def read(self, fd: int, n: int) -> bytes:
+        return os.read(fd, n)
+
+    def write(self, fd: int, data) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def lstat(self, path) -> os.stat_result:
+        return os.lstat(path)
+
+    def stat(self, path) -> os.stat_result:
+        return os.stat(path)
+
+    def replace(self, src, dst) -> None:
+        os.replace(src, dst)
+
+    def listdir(self, path) -> list[str]:
+        return os.listdir(path)
+
+    def unlink(self, path) -> None:
+        os.unlink(path)
+
+    def rmdir(self, path) -> None:
+        os.rmdir(path)
+
+    def makedirs(self, path, exist_ok: bool = True) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+
+REAL_FS = RealFS()
+
+
+class BadFile(Exception):
+    """A file we refuse to read: ``reason`` says why, ``signature`` identifies the file version (so a
+    caller can warn once per version)."""
+
+    def __init__(self, reason: str, signature: tuple = ()):
+        super().__init__(reason)
+        self.reason = reason
+        self.signature = signature
+
+
+# -- writes -------------------------------------------------------------------------------------------
+def write_atomic(path: Path | str, data: bytes, *, fs: Any = REAL_FS, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically: temp file in the same directory (the parent is created),
+    write every byte, fsync, ``os.replace``, fsync the directory. On any failure the temp file is removed
+    and the old content (if any) is intact. ``durable=False`` skips both fsyncs, for files whose loss in a
+    power cut is harmless (heartbeats)."""
+    p = Path(path)
+    fs.makedirs(p.parent, exist_ok=True)
+    tmp = p.parent / f".{p.name[:100]}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+    fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    replaced = False
+    try:
+        try:
+            _write_all(fs, fd, data, tmp, fsync=durable)
+        finally:
+            fs.close(fd)
+        fs.replace(tmp, p)
+        replaced = True
+    finally:
+        if not replaced:
+            try:
+                fs.unlink(tmp)
+            except OSError:
+                pass
+    if durable:
+        fsync_dir(p.parent, fs=fs)
+
+
+def append_bytes(path: Path | str, data: bytes, *, fs: Any = REAL_FS) -> None:
+    """Append ``data`` (``O_APPEND``, every byte, fsync; the parent is created). On failure the file is
+    cut back to its old length (best effort), so a retry does not leave half a line behind. Two writers
+    must hold a lock: the cut-back assumes nobody appended meanwhile."""
+    p = Path(path)
+    fs.makedirs(p.parent, exist_ok=True)
+    fd = fs.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        start = fs.fstat(fd).st_size
+        try:
+            _write_all(fs, fd, data, p, fsync=True)
+        except BaseException:
+            try:
+                fs.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
+    finally:
+        fs.close(fd)
+
+
+def _write_all(fs: Any, fd: int, data: bytes, path: Path, *, fsync: bool) -> None:
+    """Write every byte (a short write goes on from where it stopped; none at all is EIO), then fsync."""
+    view = memoryview(data)
+    while view:
+        n = fs.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write", str(path))
+        view = view[n:]
+    if fsync:
+        fs.fsync(fd)
+
+
+def fsync_dir(directory: Path | str, *, fs: Any = REAL_FS) -> None:
+    """fsync a directory, so a rename or a new file in it survives a power cut. Filesystems that cannot
+    (FUSE, some network mounts) are tolerated; other errors propagate."""
+    try:
+        fd = fs.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno in _DIR_FSYNC_UNSUPPORTED:
+            return
+        raise
+    try:
+        fs.fsync(fd)
+    except OSError as err:
+        if err.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        fs.close(fd)
+
+
+# -- checked reads ------------------------------------------------------------------------------------
+def read_capped(path: Path | str, cap: int, *, fs: Any = REAL_FS) -> tuple[bytes, tuple]:
+    """(bytes, signature) of a regular file of at most ``cap`` bytes. Raises :class:`BadFile` (a symlink,
+    not a regular file, over the cap: never read), FileNotFoundError, or the OSError of the OS call."""
+    fd, sig = _open_regular(fs, Path(path), cap)
+    try:
+        chunks = []
+        total = 0
+        while chunk := fs.read(fd, min(_READ_CHUNK, cap + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                raise BadFile(f"grew beyond the cap of {cap} bytes while being read", sig)
+    finally:
+        fs.close(fd)
+    return b"".join(chunks), sig
+
+
+def iter_jsonl(path: Path | str, *, max_bytes: int = DEFAULT_MAX_JSONL_BYTES,
+               fs: Any = REAL_FS) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value or the ValueError that refused it) for each non-blank line among the
+    first ``max_bytes`` of a JSONL file, read line by line (strict JSON, as :func:`parse_json_bytes`). A
+    partial last line (a file being appended to, or cut by ``max_bytes``) is a ValueError like any bad
+    line. Missing file: nothing. Refused file: :class:`BadFile`, as :func:`read_capped`."""
+    try:
+        fd, _ = _open_regular(fs, Path(path), None)
+    except FileNotFoundError:
+        return
+    try:
+        for number, raw in enumerate(_lines(fs, fd, max_bytes), 1):
+            if not raw.strip():
+                continue
+            try:
+                yield number, parse_json_bytes(raw)
+            except ValueError as err:
+                yield number, err
+    finally:
+        fs.close(fd)
+
+
+def read_jsonl(path: Path | str, *, max_bytes: int = DEFAULT_MAX_JSONL_BYTES,
+               fs: Any = REAL_FS) -> tuple[list[dict], int]:
+    """The JSON-object lines of a JSONL file (see :func:`iter_jsonl`) and how many lines were skipped:
+    not JSON, partial, or JSON but not an object. A missing file gives ``([], 0)``."""
+    rows, bad = [], 0
+    for _, value in iter_jsonl(path, max_bytes=max_bytes, fs=fs):
+        if isinstance(value, dict):
+            rows.append(value)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def _lines(fs: Any, fd: int, max_bytes: int) -> Iterator[bytes]:
+    """The lines (without ``\\n``) of the first ``max_bytes`` of ``fd``, then the unterminated rest."""
+    pending = bytearray()
+    left = max_bytes
+    while left > 0 and (chunk := fs.read(fd, min(_READ_CHUNK, left))):
+        left -= len(chunk)
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            pending += chunk[start:end]
+            yield bytes(pending)
+            pending.clear()
+            start = end + 1
+        pending += chunk[start:]
+    if pending:
+        yield bytes(pending)
+
+
+def _open_regular(fs: Any, p: Path, cap: int | None) -> tuple[int, tuple]:
+    """(fd, signature) of a regular file opened for reading, checked before and after opening; a path
+    through a file that is not a directory counts as missing."""
+    try:
+        st = fs.lstat(p)
+        sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        _check_regular(st, sig, cap)
+        fd = fs.open(p, _READ_FLAGS)
+    except NotADirectoryError as err:
+        raise FileNotFoundError(errno.ENOENT, err.strerror, str(p)) from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink swapped in after lstat
+            raise BadFile("is a symlink", ("symlink",)) from None
+        raise
+    try:
+        _check_regular(fs.fstat(fd), sig, cap)
+    except BaseException:
+        fs.close(fd)
+        raise
+    return fd, sig
+
+
+def _check_regular(st: os.stat_result, sig: tuple, cap: int | None) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise BadFile("is a symlink", sig)
+    if not stat.S_ISREG(st.st_mode):
+        raise BadFile("is not a regular file", sig)
+    if cap is not None and st.st_size > cap:
+        raise BadFile(f"size {st.st_size} bytes exceeds the cap of {cap}", sig)
+
+
+# -- listing and deletion -----------------------------------------------------------------------------
+def entry_problem(st: os.stat_result) -> str | None:
+    """None for a regular file; else why a directory entry is refused (never opened)."""
+    if stat.S_ISREG(st.st_mode):
+        return None
+    return "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+
+
+def sort_entries(directory: Path, names: Iterable[str], *, suffix: str,
+                 lstat: Callable[[Path], os.stat_result]) -> tuple[list[Path], list[tuple[Path, str, tuple]]]:
+    """Split the ``names`` of ``directory`` into regular files ending in ``suffix`` (in the given order)
+    and refused entries ``(path, reason, signature)``: other names, symlinks, devices, fifos. Hidden
+    names (temp files of writes in progress) are skipped silently, so are entries ``lstat`` fails on."""
+    files, refused = [], []
+    for name in names:
+        if name.startswith("."):
+            continue
+        p = directory / name
+        if not name.endswith(suffix):
+            refused.append((p, f"not a {suffix} file (ignored)", ("wrong_suffix",)))
+            continue
+        try:
+            st = lstat(p)
+        except OSError:
+            continue
+        problem = entry_problem(st)
+        if problem is None:
+            files.append(p)
+        else:
+            refused.append((p, problem, (st.st_ino, st.st_mtime_ns)))
+    return files, refused
+
+
+def list_files(directory: Path | str, *, suffix: str = ".json",
+               fs: Any = REAL_FS) -> tuple[list[Path], list[tuple[Path, str, tuple]]]:
+    """:func:`sort_entries` of a directory's names, sorted; a missing directory gives ``([], [])``."""
+    d = Path(directory)
+    try:
+        names = sorted(fs.listdir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    return sort_entries(d, names, suffix=suffix, lstat=fs.lstat)
+
+
+def remove_tree(path: Path | str, *, fs: Any = REAL_FS,
+                call: Callable[[Callable[[], Any], str], Any] = lambda fn, what: fn()) -> None:
+    """Delete a file or directory tree without following symlinks (a symlink is unlinked, never entered);
+    iterative, so a hostile deep tree cannot exhaust the stack. Entries that vanish meanwhile are fine.
+    Each OS call goes through ``call(fn, what)`` (a retry policy); other errors propagate."""
+    stack: list[tuple[Path, bool]] = [(Path(path), False)]  # (path, children already queued)
+    while stack:
+        p, expanded = stack.pop()
+        try:
+            if expanded:
+                call(lambda: fs.rmdir(p), "rmdir")
+                continue
+            st = call(lambda: fs.lstat(p), "lstat")
+            if not stat.S_ISDIR(st.st_mode):
+                call(lambda: fs.unlink(p), "unlink")
+                continue
+            names = call(lambda: fs.listdir(p), "listdir")
+        except FileNotFoundError:
+            continue
+        stack.append((p, True))
+        stack.extend((p / name, False) for name in names)
