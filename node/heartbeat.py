@@ -15,12 +15,14 @@ No torch here: the supervisor imports this module.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from node.fsio import BadFile, read_capped, write_atomic
+from node.strict_json import encode_json, parse_json_bytes
 
 RUNTIME_DIR_ENV = "SWARM_RUNTIME_DIR"
 HEARTBEAT_SUFFIX = ".heartbeat.json"
@@ -85,20 +87,10 @@ class HeartbeatRecord:
 def read_heartbeat(path: Path) -> HeartbeatRecord | None:
     """The latest heartbeat at ``path``, or None when absent or unreadable (a half-written file)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_HEARTBEAT_BYTES + 1)
-        if len(data) > MAX_HEARTBEAT_BYTES:
-            return None
-        return HeartbeatRecord.from_json(json.loads(data))
-    except (OSError, ValueError):
+        data, _ = read_capped(path, MAX_HEARTBEAT_BYTES)
+        return HeartbeatRecord.from_json(parse_json_bytes(data))
+    except (OSError, ValueError, BadFile):
         return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # no fsync: a heartbeat lost in a power cut is harmless
 
 
 class Heartbeat:
@@ -139,8 +131,9 @@ class Heartbeat:
     def write(self) -> None:
         """Write one heartbeat now (errors are ignored: the next beat retries)."""
         try:
-            _write_atomic(self.path, json.dumps(self.record().to_json()))
-        except OSError:
+            # not durable: a heartbeat lost in a power cut is harmless
+            write_atomic(self.path, encode_json(self.record().to_json()), durable=False)
+        except (OSError, ValueError):  # ValueError: a non-finite number from an injected clock
             pass
 
     def start(self) -> "Heartbeat":

@@ -7,7 +7,6 @@ recorded twice.
 
 from __future__ import annotations
 
-import json
 import time
 
 import structlog
@@ -47,13 +46,5 @@ class RunRecords:
 
 def recorded_rounds(store: SharedStore, path, node_id: str) -> set[int]:
     """Rounds with a metrics line of ``node_id`` in ``path`` (unparseable lines are ignored)."""
-    data = store.read_bytes(path, max_bytes=MAX_METRICS_BYTES) or b""
-    rounds = set()
-    for raw in data.splitlines():
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and obj.get("node_id") == node_id and type(obj.get("round")) is int:
-            rounds.add(obj["round"])
-    return rounds
+    rows, _ = store.read_jsonl(path, max_bytes=MAX_METRICS_BYTES)
+    return {row["round"] for row in rows if row.get("node_id") == node_id and type(row.get("round")) is int}
