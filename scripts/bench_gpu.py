@@ -450,17 +450,10 @@ def swarm_command(config: Path, sets: list[str]) -> list[str]:
 
 
 def read_metrics(exp_dir: Path) -> dict[str, list[dict]]:
-    """worker id -> its metrics lines."""
-    out = {}
-    for path in sorted((exp_dir / "logs").glob("*/metrics.jsonl")):
-        lines = []
-        for raw in path.read_text().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                continue
-        out[path.parent.name] = lines
-    return out
+    """worker id -> its metrics lines (node.fsio's one JSONL reader: bad or partial lines skipped)."""
+    from node.fsio import read_jsonl
+
+    return {path.parent.name: read_jsonl(path)[0] for path in sorted((exp_dir / "logs").glob("*/metrics.jsonl"))}
 
 
 class Nvml:

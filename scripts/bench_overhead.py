@@ -260,11 +260,10 @@ def run_single(args, workers: int) -> Side:
 
 
 def read_metrics(exp_dir: Path) -> dict[str, list[dict]]:
-    """worker id -> its metrics lines."""
-    out = {}
-    for path in sorted((exp_dir / "logs").glob("*/metrics.jsonl")):
-        out[path.parent.name] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return out
+    """worker id -> its metrics lines (node.fsio's one JSONL reader)."""
+    from node.fsio import read_jsonl
+
+    return {path.parent.name: read_jsonl(path)[0] for path in sorted((exp_dir / "logs").glob("*/metrics.jsonl"))}
 
 
 def run_swarm(args, workers: int, poll: float | None) -> Side:

@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "chaos"), str(ROOT / "tests"), str(ROOT)]
 
+from node.fsio import read_jsonl  # noqa: E402
 from scenarios import FIGURES_ENV, SCENARIOS, Figures, render_table, run_scenario  # noqa: E402
 
 # pytest-only scenarios: (row title, test ids, faults injected, how to turn their recorded figures into a row)
@@ -85,9 +86,8 @@ def run_pytest_scenarios(names: list[str], workdir: Path, quick: bool) -> dict[s
     except (OSError, ET.ParseError):
         pass
     recorded: dict[str, dict] = {}
-    if figures_file.exists():
-        for line in figures_file.read_text().splitlines():
-            obj = json.loads(line)
+    for obj in read_jsonl(figures_file)[0]:  # a line cut by a killed test run is skipped, not a crash
+        if isinstance(obj.get("test"), str):
             recorded.setdefault(obj.pop("test"), {}).update(obj)
     rows = {}
     for key, title, tests in chosen:
