@@ -1,8 +1,9 @@
 """The experiment configuration: one YAML file, environment overrides, ``--set`` overrides.
 
-Precedence, lowest first: dataclass defaults < YAML < environment (the seeds' variable names, see
-:data:`ENV_OVERRIDES`) < ``--set section.field=value``. Every mistake raises one
-:class:`~sapo.config.ConfigError` naming the field and the allowed values. No torch import here: the
+Precedence, lowest first: defaults < YAML < environment (the seeds' variable names, see
+:data:`ENV_OVERRIDES`) < ``--set section.field=value``. Every section is a pydantic dataclass
+(:func:`sapo.config.section`); every mistake raises one :class:`~sapo.config.ConfigError` naming the field
+and the allowed values. :func:`config_json_schema` describes the YAML file. No torch import here: the
 supervisor loads configs too.
 """
 
@@ -10,172 +11,171 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Literal, Mapping, Union
 
 import yaml
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
-from sapo.config import BUILTIN_MODELS, ConfigError, SapoConfig, check_fields, from_mapping, option, to_mapping
+from sapo.config import BUILTIN_MODELS, ConfigError, SapoConfig, section
+from sapo.validation import (Bool, Float, Int, Str, adapter, choice, field_type, from_mapping, one_message, shown,
+                             to_plain)
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PLAIN_NAME_RULE = "must be 1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
 
 
 def plain_name_problem(value: str) -> str | None:
     """Why ``value`` is not a safe file-name-like identifier (None when it is)."""
     if not PLAIN_NAME.match(value) or ".." in value:
-        return "must be 1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
+        return _PLAIN_NAME_RULE
     return None
 
 
-_GPU_UUID = re.compile(r"^(GPU|MIG)-[0-9A-Za-z][0-9A-Za-z/-]*$")
+def _plain_name(value: str) -> str:
+    if plain_name_problem(value):
+        raise PydanticCustomError("plain_name", "{rule}; got {got}", {"rule": _PLAIN_NAME_RULE, "got": shown(value)})
+    return value
 
 
-def _gpu_problem(value: Any) -> str | None:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return None
-    if isinstance(value, str) and (re.fullmatch(r"[0-9]+", value) or _GPU_UUID.match(value)):
-        return None
-    return ("must be auto, a GPU index (0, 1, ... in PCI bus order, as nvidia-smi numbers them) or a UUID "
-            f"from `nvidia-smi -L` (GPU-... or MIG-...); got {value!r}")
+# A node id or experiment name: safe as one path component (also in the JSON Schema, as a pattern).
+PlainName = Annotated[Str, AfterValidator(_plain_name), Field(json_schema_extra={"pattern": PLAIN_NAME.pattern})]
 
 
-def _memory_fraction_problem(value: Any) -> str | None:
-    if value == "auto":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0:
-        return None
-    return f"must be 'auto' or a number in (0, 1]; got {value!r}"
+def _builtin_known(name: str) -> str:
+    if name.startswith("builtin:") and name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model; allowed: {', '.join(BUILTIN_MODELS)}")
+    return name
 
 
-@dataclass(frozen=True)
+AutoFraction = Annotated[Union[Literal["auto"], Annotated[float, Field(strict=True, gt=0.0, le=1.0)]],
+                         one_message("'auto' or a number in (0, 1]")]
+_GPU_NAME = r"^([0-9]+|(GPU|MIG)-[0-9A-Za-z][0-9A-Za-z/-]*)$"  # an index as text, or a UUID from nvidia-smi -L
+GpuChoice = Annotated[Union[Literal["auto"], Annotated[int, Field(strict=True, ge=0)],
+                            Annotated[str, Field(strict=True, pattern=_GPU_NAME)]],
+                      one_message("auto, a GPU index (0, 1, ... in PCI bus order, as nvidia-smi numbers them) or a "
+                                  "UUID from `nvidia-smi -L` (GPU-... or MIG-...)")]
+
+
+@section
 class ExperimentSection:
     """Which experiment, where it lives, how long it runs."""
 
-    name: str = option("sapo_experiment", "experiment name; its directory is ROOT/experiments/NAME (env EXPERIMENT_NAME)",
-                       check=plain_name_problem)
-    root: str = option("./runs", "the shared directory, e.g. a Drive mount (env GDRIVE_PATH)")
-    seed: int = option(42, "experiment seed: question sampling, model init, exchange choices (env SEED)", min=0)
-    max_rounds: int = option(2000, "rounds to run (env MAX_ROUNDS)", min=1)
-
-    def __post_init__(self):
-        check_fields(self)
+    name: PlainName = Field("sapo_experiment", description="experiment name; its directory is "
+                            "ROOT/experiments/NAME (env EXPERIMENT_NAME)")
+    root: Str = Field("./runs", description="the shared directory, e.g. a Drive mount (env GDRIVE_PATH)")
+    seed: Int = Field(42, ge=0, description="experiment seed: question sampling, model init, exchange choices "
+                      "(env SEED)")
+    max_rounds: Int = Field(2000, ge=1, description="rounds to run (env MAX_ROUNDS)")
 
 
-@dataclass(frozen=True)
+@section
 class ModelSection:
     """Which model every worker trains."""
 
-    name: str = option("openai-community/gpt2",
-                       "Hugging Face model id or local path, or builtin:tiny-gpt2 (env MODEL_NAME)")
-    dtype: str = option("auto", "weights dtype: auto = bfloat16 on a GPU that supports it, else float32",
-                        choices=("auto", "float32", "bfloat16", "float16"))
-    attn_implementation: str = option("auto", "attention kernel: auto = transformers' default (sdpa for GPT-2 "
-                                      "in transformers 5), sdpa, or eager (the plain matmul/softmax path)",
-                                      choices=("auto", "sdpa", "eager"))
-    autocast: str = option("none", "mixed precision: run generate and the training forward passes under "
-                           "torch.autocast in this dtype, the weights and Adam state staying in model.dtype "
-                           "(e.g. float32 weights + bfloat16 autocast); none = off",
-                           choices=("none", "bfloat16"))
-
-    def __post_init__(self):
-        check_fields(self)
+    name: Annotated[Str, AfterValidator(_builtin_known)] = Field(
+        "openai-community/gpt2", description="Hugging Face model id or local path, or builtin:tiny-gpt2 "
+        "(env MODEL_NAME)")
+    dtype: choice("auto", "float32", "bfloat16", "float16") = Field(
+        "auto", description="weights dtype: auto = bfloat16 on a GPU that supports it, else float32")
+    attn_implementation: choice("auto", "sdpa", "eager") = Field(
+        "auto", description="attention kernel: auto = transformers' default (sdpa for GPT-2 in transformers 5), "
+        "sdpa, or eager (the plain matmul/softmax path)")
+    autocast: choice("none", "bfloat16") = Field(
+        "none", description="mixed precision: run generate and the training forward passes under torch.autocast "
+        "in this dtype, the weights and Adam state staying in model.dtype (e.g. float32 weights + bfloat16 "
+        "autocast); none = off")
 
 
-@dataclass(frozen=True)
+@section
 class CoordinatorSection:
     """How the coordinator advances rounds."""
 
-    strategy: str = option("hybrid", "time: every interval; completion: when all live workers submitted; "
-                           "hybrid: completion or round_timeout_s, whichever first",
-                           choices=("time", "completion", "hybrid"))
-    round_interval_s: float = option(60.0, "round length for the time strategy (env COORDINATOR_ROUND_INTERVAL)",
-                                     gt=0.0)
-    round_timeout_s: float = option(1800.0, "hybrid: advance after this long even if some worker is missing",
-                                    gt=0.0)
-    poll_interval_s: float = option(1.0, "how often the coordinator looks at submissions", gt=0.0)
-
-    def __post_init__(self):
-        check_fields(self)
+    strategy: choice("time", "completion", "hybrid") = Field(
+        "hybrid", description="time: every interval; completion: when all live workers submitted; hybrid: "
+        "completion or round_timeout_s, whichever first")
+    round_interval_s: Float = Field(60.0, gt=0.0, description="round length for the time strategy "
+                                    "(env COORDINATOR_ROUND_INTERVAL)")
+    round_timeout_s: Float = Field(1800.0, gt=0.0, description="hybrid: advance after this long even if some "
+                                   "worker is missing")
+    poll_interval_s: Float = Field(1.0, gt=0.0, description="how often the coordinator looks at submissions")
 
 
-@dataclass(frozen=True)
+@section
 class ExchangeSection:
     """How rollouts travel through the shared directory."""
 
-    publish_frequency: str = option("stage", "when rollouts are written (env ROLLOUT_PUBLISH_FREQUENCY)",
-                                    choices=("generation", "stage", "round"))
-    fetch_timeout_s: float = option(60.0, "longest wait for peers' rollouts of the current round", min=0.0)
-    fetch_max_peers: int = option(64, "read at most this many peers' files per round", min=1)
-    max_file_bytes: int = option(16 * 1024 * 1024, "peer files larger than this are skipped", min=1024)
-    lock_dir: str = option("", "where lock files live; empty = a local directory outside the shared dir")
-    spool_dir: str = option("", "local spool for publishes the shared dir refused; empty = default local dir")
-    cleanup_enabled: bool = option(False, "delete or archive old rounds (env ROLLOUT_CLEANUP_ENABLED)")
-    keep_last_n_rounds: int = option(10, "rounds kept when cleanup is on (env ROLLOUT_KEEP_LAST_N_ROUNDS)", min=2)
-    archive_old: bool = option(False, "archive old rounds instead of deleting them (env ROLLOUT_ARCHIVE_OLD)")
+    publish_frequency: choice("generation", "stage", "round") = Field(
+        "stage", description="when rollouts are written (env ROLLOUT_PUBLISH_FREQUENCY)")
+    fetch_timeout_s: Float = Field(60.0, ge=0.0, description="longest wait for peers' rollouts of the current "
+                                   "round")
+    fetch_max_peers: Int = Field(64, ge=1, description="read at most this many peers' files per round")
+    max_file_bytes: Int = Field(16 * 1024 * 1024, ge=1024, description="peer files larger than this are skipped")
+    lock_dir: Str = Field("", description="where lock files live; empty = a local directory outside the shared "
+                          "dir")
+    spool_dir: Str = Field("", description="local spool for publishes the shared dir refused; empty = default "
+                           "local dir")
+    cleanup_enabled: Bool = Field(False, description="delete or archive old rounds (env ROLLOUT_CLEANUP_ENABLED)")
+    keep_last_n_rounds: Int = Field(10, ge=2, description="rounds kept when cleanup is on "
+                                    "(env ROLLOUT_KEEP_LAST_N_ROUNDS)")
+    archive_old: Bool = Field(False, description="archive old rounds instead of deleting them "
+                              "(env ROLLOUT_ARCHIVE_OLD)")
 
-    def __post_init__(self):
-        check_fields(self)
 
-
-@dataclass(frozen=True)
+@section
 class CheckpointSection:
     """When workers checkpoint and how many they keep."""
 
-    every_rounds: int = option(10, "checkpoint every K rounds (and always on SIGTERM/SIGINT)", min=1)
-    keep_last: int = option(3, "checkpoints kept per node", min=1)
-
-    def __post_init__(self):
-        check_fields(self)
+    every_rounds: Int = Field(10, ge=1, description="checkpoint every K rounds (and always on SIGTERM/SIGINT)")
+    keep_last: Int = Field(3, ge=1, description="checkpoints kept per node")
 
 
-@dataclass(frozen=True)
+@section
 class SupervisorSection:
     """Process lifecycle: how many workers, on which device, how they are watched and restarted."""
 
-    workers: int = option(4, "number of training workers (plus one coordinator)", min=1, max=64)
-    device: str = option("auto", "auto = the GPU (see gpu) when NVML sees one, else cpu",
-                         choices=("auto", "cpu", "cuda"))
-    gpu: int | str = option("auto", "the GPU the workers share: auto = the first entry of an inherited "
-                            "CUDA_VISIBLE_DEVICES, else GPU 0; or an NVML index (PCI bus order, as nvidia-smi "
-                            "numbers them) or a UUID from `nvidia-smi -L` (GPU-... or MIG-...); wins over "
-                            "CUDA_VISIBLE_DEVICES", check=_gpu_problem)
-    memory_fraction: float | str = option("auto", "per-worker share of GPU memory, or auto",
-                                          check=_memory_fraction_problem)
-    cuda_context_margin_gb: float = option(1.0, "GPU memory (GiB) each worker's CUDA context needs beyond its "
-                                           "fraction (0.6-0.85 GiB measured on an H200)", min=0.0)
-    heartbeat_interval_s: float = option(5.0, "how often nodes heartbeat", gt=0.0)
-    heartbeat_timeout_s: float = option(300.0, "a node silent this long is hung: killed and restarted", gt=0.0)
-    startup_timeout_s: float = option(600.0, "longest wait for a new node's first heartbeat", gt=0.0)
-    monitor_interval_s: float = option(2.0, "how often the supervisor looks at its nodes", gt=0.0)
-    stop_timeout_s: float = option(60.0, "SIGTERM -> SIGKILL grace period (nodes checkpoint in it)", gt=0.0)
-    backoff_initial_s: float = option(2.0, "first restart delay", min=0.0)
-    backoff_max_s: float = option(120.0, "restart delay cap (exponential backoff)", min=0.0)
-    stable_after_s: float = option(300.0, "a node running this long has its backoff reset", gt=0.0)
-    max_restarts: int = option(10, "failures within restart_window_s before a node is FATAL", min=0)
-    restart_window_s: float = option(3600.0, "window for counting failures", gt=0.0)
-    startup_failures_fatal: int = option(3, "consecutive failures before the first heartbeat: FATAL as a "
-                                         "configuration error", min=1)
-    on_event: str = option("", "shell command run on restart/FATAL/finish with SWARM_EVENT etc. in its env")
+    workers: Int = Field(4, ge=1, le=64, description="number of training workers (plus one coordinator)")
+    device: choice("auto", "cpu", "cuda") = Field(
+        "auto", description="auto = the GPU (see gpu) when NVML sees one, else cpu")
+    gpu: GpuChoice = Field(
+        "auto", description="the GPU the workers share: auto = the first entry of an inherited "
+        "CUDA_VISIBLE_DEVICES, else GPU 0; or an NVML index (PCI bus order, as nvidia-smi numbers them) or a UUID "
+        "from `nvidia-smi -L` (GPU-... or MIG-...); wins over CUDA_VISIBLE_DEVICES")
+    memory_fraction: AutoFraction = Field("auto", description="per-worker share of GPU memory, or auto")
+    cuda_context_margin_gb: Float = Field(
+        1.0, ge=0.0, description="GPU memory (GiB) each worker's CUDA context needs beyond its fraction "
+        "(0.6-0.85 GiB measured on an H200)")
+    heartbeat_interval_s: Float = Field(5.0, gt=0.0, description="how often nodes heartbeat")
+    heartbeat_timeout_s: Float = Field(300.0, gt=0.0, description="a node silent this long is hung: killed and "
+                                       "restarted")
+    startup_timeout_s: Float = Field(600.0, gt=0.0, description="longest wait for a new node's first heartbeat")
+    monitor_interval_s: Float = Field(2.0, gt=0.0, description="how often the supervisor looks at its nodes")
+    stop_timeout_s: Float = Field(60.0, gt=0.0, description="SIGTERM -> SIGKILL grace period (nodes checkpoint "
+                                  "in it)")
+    backoff_initial_s: Float = Field(2.0, ge=0.0, description="first restart delay")
+    backoff_max_s: Float = Field(120.0, ge=0.0, description="restart delay cap (exponential backoff)")
+    stable_after_s: Float = Field(300.0, gt=0.0, description="a node running this long has its backoff reset")
+    max_restarts: Int = Field(10, ge=0, description="failures within restart_window_s before a node is FATAL")
+    restart_window_s: Float = Field(3600.0, gt=0.0, description="window for counting failures")
+    startup_failures_fatal: Int = Field(3, ge=1, description="consecutive failures before the first heartbeat: "
+                                        "FATAL as a configuration error")
+    on_event: Str = Field("", description="shell command run on restart/FATAL/finish with SWARM_EVENT etc. in its "
+                          "env")
 
-    def __post_init__(self):
-        check_fields(self)
 
-
-@dataclass(frozen=True)
+@section
 class ExperimentConfig:
     """A whole experiment: every section, each with defaults."""
 
-    experiment: ExperimentSection = option(factory=ExperimentSection)
-    model: ModelSection = option(factory=ModelSection)
-    sapo: SapoConfig = option(factory=SapoConfig)
-    coordinator: CoordinatorSection = option(factory=CoordinatorSection)
-    exchange: ExchangeSection = option(factory=ExchangeSection)
-    checkpoint: CheckpointSection = option(factory=CheckpointSection)
-    supervisor: SupervisorSection = option(factory=SupervisorSection)
-
-    def __post_init__(self):
-        check_fields(self)
+    experiment: ExperimentSection = Field(default_factory=ExperimentSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    sapo: SapoConfig = Field(default_factory=SapoConfig)
+    coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
+    exchange: ExchangeSection = Field(default_factory=ExchangeSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
 
     @property
     def experiment_dir(self) -> Path:
@@ -184,7 +184,14 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         """Plain dict form (lists, not tuples), ready for JSON/YAML."""
-        return to_mapping(self)
+        return to_plain(self)
+
+
+def config_json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of the YAML config file: every section, field, default and bound."""
+    schema = adapter(ExperimentConfig).json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema,
+            "title": "SAPO swarm experiment config"}
 
 
 # Seeds' environment variables -> config field. TEST_MODE is handled separately (it sets several).
@@ -232,26 +239,8 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _field_type(dotted: str) -> Any:
-    """The annotation of a dotted field, used to parse env strings (None when the path is unknown)."""
-    import dataclasses
-    import typing
-
-    cls: Any = ExperimentConfig
-    tp: Any = None
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return None
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return None
-        tp = hints[part]
-        cls = tp
-    return tp
-
-
 def _parse_env_value(name: str, text: str, dotted: str) -> Any:
-    tp = _field_type(dotted)
+    tp = field_type(ExperimentConfig, tuple(dotted.split(".")))
     where = f"{dotted} (from ${name})"
     if tp is bool:
         return parse_bool(text, where)
@@ -319,9 +308,6 @@ def resolve_config(
     for dotted, value in {**env_overrides(env), **parse_set_overrides(overrides)}.items():
         _set_path(tree, dotted, value)
     config = from_mapping(ExperimentConfig, tree)
-    if config.model.name.startswith("builtin:"):
-        if config.model.name not in BUILTIN_MODELS:
-            raise ConfigError("model.name", f"unknown built-in model; allowed: {', '.join(BUILTIN_MODELS)}")
     _check_task_names(config)
     return config
 

@@ -1,12 +1,14 @@
 """Configuration: precedence, the seeds' environment variables, and one clear error per mistake."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from node.config import ExperimentConfig, resolve_config
-from sapo.config import ConfigError
+from node.config import ExperimentConfig, config_json_schema, resolve_config
+from sapo.config import ConfigError, SapoConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -115,3 +117,27 @@ def test_paper_split_configs():
     assert smoke.model.name == "builtin:tiny-gpt2" and smoke.supervisor.device == "cpu"
     assert (smoke.supervisor.workers, smoke.experiment.max_rounds) == (2, 3)
     assert (smoke.sapo.num_train_samples, smoke.sapo.num_transplant_trees, smoke.sapo.num_generations) == (2, 2, 4)
+
+
+def test_sections_built_in_code_are_checked_too():
+    with pytest.raises(ConfigError, match="optimizer: must be one of auto, adam, adamw_sr; got 'sgd'"):
+        SapoConfig(optimizer="sgd")
+    with pytest.raises(ConfigError) as info:
+        dataclasses.replace(ExperimentConfig().sapo, num_generations=1)
+    assert (info.value.field, info.value.reason) == ("num_generations", "must be >= 2; got 1")
+    assert dataclasses.replace(SapoConfig(), warmup=True).warmup is True
+
+
+def test_json_schema_describes_the_config_file():
+    schema = config_json_schema()
+    json.dumps(schema)  # plain JSON
+    sections = schema["properties"]
+    assert set(sections) == {f.name for f in dataclasses.fields(ExperimentConfig)}
+    assert schema["additionalProperties"] is False
+    defs = schema["$defs"]
+    assert all(d["additionalProperties"] is False for d in defs.values())
+    g = defs["SapoConfig"]["properties"]["num_generations"]
+    assert (g["type"], g["minimum"], g["default"]) == ("integer", 2, 8) and "G: completions" in g["description"]
+    assert defs["CoordinatorSection"]["properties"]["strategy"]["enum"] == ["time", "completion", "hybrid"]
+    assert {"type": "boolean"} in defs["SapoConfig"]["properties"]["warmup"]["anyOf"]
+    assert "pattern" in defs["ExperimentSection"]["properties"]["name"]
