@@ -23,8 +23,9 @@ Rewards
 reward = ``score_answer(extracted answer, entry)`` clamped to [0, 1] (0 when nothing was extracted or the
 scorer raised) + ``format_reward`` when the completion holds a well-formed ``<answer>…</answer>`` span.
 
-This module imports neither torch nor transformers (the supervisor imports it to validate task names),
-and it imports reasoning-gym only when first needed.
+The prompt text and answer extraction live in :mod:`sapo.prompts`, the toy tasks in :mod:`sapo.toy_tasks`
+(both re-exported here). This module imports neither torch nor transformers (the supervisor imports it to
+validate task names), and it imports reasoning-gym only when first needed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
+
+from sapo.prompts import MAX_ANSWER_CHARS, SYSTEM_PROMPT, build_prompt, extract_answer
+from sapo.toy_tasks import TOY_COPY_WORDS, TOY_TASKS
+
+__all__ = ["DATASET_SIZE", "MAX_ANSWER_CHARS", "MAX_SEED", "SYSTEM_PROMPT", "TOY_COPY_WORDS", "Question", "TaskBank",
+           "TaskError", "TaskRef", "build_prompt", "dataset_seed", "dataset_size", "extract_answer",
+           "known_task_names"]
 
 # Largest dataset size: the exclusive upper bound of ``TaskRef.index`` (10**6 builds instantly for every
 # default task; see the module docstring for why it must stay small next to 2**32).
@@ -51,21 +59,10 @@ _UNBUILDABLE = frozenset({"composite"})
 _DATASET_SEED_RANGE = 2**31
 # Peers may name any seed in [0, MAX_SEED); one that a dataset cannot use raises TaskError on rebuild.
 MAX_SEED = 2**63
-# An answer span longer than this is not an answer (it would only feed slow parsers in some scorers).
-MAX_ANSWER_CHARS = 4096
 # Datasets built for seeds other than the experiment's own (peer references) are kept in a small LRU.
 _CACHE_SIZE = 64
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
-_OPEN, _CLOSE = "<answer>", "</answer>"
-
-SYSTEM_PROMPT = (
-    "Given a problem, think about it step by step in a clear and specific manner. Once you have "
-    "reasoned it through, give the final answer inside answer tags, like this:\n"
-    "<answer>answer here</answer>\n"
-    "Put only the final answer inside the tags, without explanation. When an example is provided, "
-    "follow the format of the answer in that example exactly."
-)
 
 
 class TaskError(ValueError):
@@ -128,170 +125,6 @@ class Question:
 
 
 # --------------------------------------------------------------------------------------------------
-# Answer extraction and prompts
-# --------------------------------------------------------------------------------------------------
-
-
-def extract_answer(completion: str) -> str | None:
-    """The content of the LAST ``<answer>…</answer>`` span, stripped; None when there is none.
-
-    The prompt (as in the SAPO paper's reasoning-gym setup and Gensyn's reference trainer) asks for the
-    final answer inside answer tags; models often restate or draft an answer before the final one, so the
-    last span wins. The span is the last ``</answer>`` and the last ``<answer>`` before it, so it never
-    contains a tag itself: ``"<answer>a <answer>b</answer>"`` gives ``"b"``. Tags are exact and
-    lowercase. No span, an unclosed tag, an empty (all-whitespace) span or one longer than
-    ``MAX_ANSWER_CHARS`` all give None. Two ``rfind`` calls: linear time, no regex backtracking.
-    """
-    if not isinstance(completion, str):
-        return None
-    end = completion.rfind(_CLOSE)
-    if end < 0:
-        return None
-    start = completion.rfind(_OPEN, 0, end)
-    if start < 0:
-        return None
-    start += len(_OPEN)
-    if end - start > MAX_ANSWER_CHARS:
-        return None
-    answer = completion[start:end].strip()
-    return answer or None
-
-
-def build_prompt(question_text: str, tokenizer: Any = None) -> str:
-    """The prompt text for a question: the tokenizer's chat template if it has one, else a plain format.
-
-    Templates that reject a system role get the system prompt folded into the user message.
-    """
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": question_text},
-        ]
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - e.g. jinja "System role not supported"
-            merged = [{"role": "user", "content": f"{SYSTEM_PROMPT}\n\n{question_text}"}]
-            return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
-    return f"{SYSTEM_PROMPT}\n\nQuestion: {question_text}\nAnswer:"
-
-
-# --------------------------------------------------------------------------------------------------
-# Toy tasks: same interface as reasoning-gym datasets (ds[i] -> dict, score_answer(answer, entry))
-# --------------------------------------------------------------------------------------------------
-
-TOY_COPY_WORDS = (
-    "apple", "river", "stone", "cloud", "tiger", "green", "bread", "light",
-    "music", "chair", "ocean", "plant", "robot", "sugar", "train", "water",
-)  # fmt: skip
-
-
-class _ToyDataset:
-    """What the toy datasets share with reasoning-gym's: ``size`` items, each deterministic in (seed, index)."""
-
-    name = ""
-
-    def __init__(self, seed: int, size: int):
-        self.seed = seed
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def _rng(self, index: int) -> random.Random:
-        if not 0 <= index < self.size:
-            raise IndexError(index)
-        return random.Random(f"{self.name}:{self.seed}:{index}")
-
-
-class ToyCopyDataset(_ToyDataset):
-    """``toy_copy``: "Copy this word: <w>", answer ``w`` from :data:`TOY_COPY_WORDS`.
-
-    Learnable by a tiny random GPT-2 with GRPO. Its answer is the extracted ``<answer>`` span when the
-    completion has one, else the completion's first whitespace-delimited word (a tiny model will not
-    learn tags quickly). The score is 1.0 for an exact match; otherwise partial credit of up to 0.5 for
-    the share of the word's letters the answer contains, so a random policy already sees a gradient.
-    """
-
-    name = "toy_copy"
-
-    def __getitem__(self, index: int) -> dict:
-        word = self._rng(index).choice(TOY_COPY_WORDS)
-        return {
-            "question": f"Copy this word: {word}",
-            "answer": word,
-            "metadata": {"source_dataset": self.name, "source_index": index, "word": word},
-        }
-
-    @staticmethod
-    def answer_from_completion(completion: str) -> str | None:
-        """The ``<answer>`` span if present, else the first whitespace-delimited word (bounded)."""
-        answer = extract_answer(completion)
-        if answer is not None:
-            return answer
-        words = completion[:256].split(maxsplit=1)
-        return words[0] if words else None
-
-    def score_answer(self, answer: str | None, entry: Mapping) -> float:
-        """1.0 for the exact word, else 0.5 x the share of its distinct letters found in the answer."""
-        word = entry["answer"]
-        if not isinstance(answer, str) or not answer:
-            return 0.0
-        if answer == word:
-            return 1.0
-        return 0.5 * len(set(answer[:32]) & set(word)) / len(set(word))
-
-
-TOY_DIGITS_LENGTH = 6
-
-
-class ToyDigitsDataset(_ToyDataset):
-    """``toy_digits``: "Write a number with at least six digits, like 482913." (the example varies).
-
-    The task the built-in tiny model masters on a CPU within about a hundred rounds (see
-    ``docs/RESULTS.md``). Its answer is the first whitespace-delimited word of the ``<answer>`` span when
-    the completion has one, else of the completion. The score is the share of that word's first six
-    characters that are ASCII digits: 1.0 for ``"482913"`` or ``"1313131"``, 0.5 for ``"123"``, 0 for no
-    word. Only the first six characters count, so ``"123456abc"`` scores 1.0 too.
-
-    Why this task: a randomly initialised 200k-parameter GPT-2 barely conditions on the question (its
-    next-token distribution for "...letter a..." and "...letter b..." differs by a KL of ~1e-6), so tasks
-    whose answer depends on the question (copy this word, repeat this letter, count to N) stall after the
-    policy collapses onto one output. Here the best policy is the same for every question, the random
-    model already scores about 0.1 (the tiny tokenizer has many digit tokens), and each extra digit
-    raises the reward, so GRPO has a signal from round 0 and a smooth path to 1.0.
-    """
-
-    name = "toy_digits"
-
-    def __getitem__(self, index: int) -> dict:
-        example = str(self._rng(index).randrange(10 ** (TOY_DIGITS_LENGTH - 1), 10**TOY_DIGITS_LENGTH))
-        return {
-            "question": f"Write a number with at least six digits, like {example}.",
-            "answer": example,  # one correct answer among many
-            "metadata": {"source_dataset": self.name, "source_index": index, "example": example},
-        }
-
-    @staticmethod
-    def answer_from_completion(completion: str) -> str | None:
-        """The first word of the ``<answer>`` span if present, else of the completion (bounded)."""
-        answer = extract_answer(completion)
-        text = answer if answer is not None else completion[:256]
-        words = text.split(maxsplit=1)
-        return words[0] if words else None
-
-    def score_answer(self, answer: str | None, entry: Mapping) -> float:
-        """The share of the first six characters of the answer's first word that are ASCII digits (0.0 for none)."""
-        words = answer.split(maxsplit=1) if isinstance(answer, str) else []
-        if not words:
-            return 0.0
-        head = words[0][:TOY_DIGITS_LENGTH]
-        return sum(c in "0123456789" for c in head) / TOY_DIGITS_LENGTH
-
-
-_TOY_TASKS = {ToyCopyDataset.name: ToyCopyDataset, ToyDigitsDataset.name: ToyDigitsDataset}
-
-
-# --------------------------------------------------------------------------------------------------
 # Names, sizes, seeds
 # --------------------------------------------------------------------------------------------------
 
@@ -306,7 +139,7 @@ def known_task_names() -> list[str]:
     """Every task name a mix may use: reasoning-gym's buildable datasets plus the ``toy_*`` tasks."""
     from reasoning_gym.factory import DATASETS
 
-    return sorted(set(DATASETS) - _UNBUILDABLE) + sorted(_TOY_TASKS)
+    return sorted(set(DATASETS) - _UNBUILDABLE) + sorted(TOY_TASKS)
 
 
 def dataset_size(name: str) -> int:
@@ -362,8 +195,8 @@ class TaskBank:
             self._datasets.move_to_end(key)
             return ds
         size = dataset_size(name)
-        if name in _TOY_TASKS:
-            ds = _TOY_TASKS[name](seed, size)
+        if name in TOY_TASKS:
+            ds = TOY_TASKS[name](seed, size)
         else:
             ds = _quiet(lambda: _reasoning_gym().create_dataset(name, size=size, seed=seed))
         self._datasets[key] = ds
