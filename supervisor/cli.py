@@ -38,7 +38,10 @@ from node.logs import rotated_files
 from node.schemas import ConfigSnapshot, PeerRecord, RolloutFile, RoundResult, RoundState, validate_metrics_line
 from sapo.config import ConfigError
 from supervisor import procs
-from supervisor.daemon import AlreadyRunning, RuntimePaths, Supervisor, node_names, read_status, running_supervisor
+from supervisor.daemon import Supervisor
+from supervisor.launch import node_names
+from supervisor.runfiles import AlreadyRunning, RuntimePaths, running_supervisor
+from supervisor.status import read_status
 from supervisor.gpu import PlanError
 from supervisor.systemd import render_unit, unit_name
 

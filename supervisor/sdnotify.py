@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Mapping
+from typing import Callable, Mapping
 
 import structlog
 
@@ -115,3 +115,30 @@ class SdNotifier:
                 self._sock.close()
             finally:
                 self._sock = None
+
+
+class SupervisorNotices:
+    """What the supervisor tells systemd from its loop: READY=1 once the nodes run, WATCHDOG=1 at most every
+    ``watchdog_every_s`` (and at the end), STATUS=<summary line> whenever that line changes."""
+
+    def __init__(self, notifier: SdNotifier, watchdog_every_s: float = 1.0):
+        self.notifier = notifier
+        self.watchdog_every_s = watchdog_every_s
+        self._ready_sent = False
+        self._last_watchdog: float | None = None
+        self._last_status: str | None = None
+
+    def update(self, now: float, *, ready: bool, summary: Callable[[], str], done: bool) -> None:
+        """One tick's notifications (``now`` monotonic; ``summary`` is only called when systemd listens)."""
+        if not self.notifier.enabled:
+            return
+        if ready and not self._ready_sent:
+            self._ready_sent = True
+            self.notifier.ready()
+        if self._last_watchdog is None or now - self._last_watchdog >= self.watchdog_every_s or done:
+            self._last_watchdog = now
+            self.notifier.watchdog()
+        line = summary()
+        if line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)

@@ -20,7 +20,8 @@ from node.config import resolve_config
 from node.layout import ExperimentLayout
 from node.schemas import ConfigSnapshot, PeerRecord, Rollout, RolloutFile, RoundResult, RoundState, TaskRef
 from supervisor import cli
-from supervisor.daemon import RuntimePaths, read_status
+from supervisor.runfiles import RuntimePaths
+from supervisor.status import read_status
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("launch", "status", "stop", "logs", "validate", "config", "systemd-unit")

@@ -20,7 +20,9 @@ from doubles import FakeOS
 from fake_node import FAKE_NODE, alive, config_yaml, drive, kill_descendants, set_subreaper, fake_config, \
     wait_for, write_heartbeat
 from supervisor import cli
-from supervisor.daemon import AlreadyRunning, RuntimePaths, Supervisor, read_status
+from supervisor.daemon import Supervisor
+from supervisor.runfiles import AlreadyRunning, RuntimePaths
+from supervisor.status import read_status
 from supervisor.sdnotify import SdNotifier
 from supervisor.states import NodeState
 

@@ -19,7 +19,9 @@ from node import __main__ as node_main
 from node.config import resolve_config
 from sapo.config import ConfigError
 from supervisor import cli, daemon
-from supervisor.daemon import Supervisor, cpu_share, plan_launch, read_status
+from supervisor.daemon import Supervisor
+from supervisor.launch import cpu_share, plan_launch
+from supervisor.status import read_status
 from supervisor.gpu import GIB, PlanError
 from supervisor.sdnotify import SdNotifier
 from supervisor.states import NodeState

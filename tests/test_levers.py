@@ -349,13 +349,13 @@ def _env_of_spawned(tmp_path, workers, environ):
 
 
 def test_cpu_workers_share_the_cores(tmp_path, monkeypatch):
-    import supervisor.daemon as daemon
+    import supervisor.launch as launch
 
-    monkeypatch.setattr(daemon.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)))
     envs = _env_of_spawned(tmp_path, 2, {"PATH": "/bin"})
     assert envs["coordinator"]["OMP_NUM_THREADS"] == "1"
     assert envs["worker_1"]["OMP_NUM_THREADS"] == "4" and envs["worker_2"]["OMP_NUM_THREADS"] == "4"
-    assert daemon.cpu_share(16) == 1  # never 0
+    assert launch.cpu_share(16) == 1  # never 0
 
 
 def test_cpu_threads_set_by_the_user_win(tmp_path):

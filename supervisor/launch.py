@@ -1,0 +1,166 @@
+"""What the supervisor starts: the device and its memory plan, the nodes' names, command lines and environment.
+
+:func:`plan_launch` resolves ``supervisor.gpu`` / an inherited ``CUDA_VISIBLE_DEVICES`` to one GPU or MIG
+instance by UUID and shares its memory among the workers (:func:`supervisor.gpu.plan_memory`), or chooses
+the CPU. :func:`node_argv` and :func:`node_env` are the node contract: ``--config/--role/--node-id/--set``
+on the command line; ``NODE_ROLE``, ``NODE_ID``, ``SWARM_RUNTIME_DIR``, ``SWARM_DEVICE``,
+``CUDA_VISIBLE_DEVICES`` (the UUID for GPU workers, empty for the coordinator), ``SWARM_MEMORY_BYTES`` and
+``OMP_NUM_THREADS`` in the environment. Pure functions of their arguments (and the CPU affinity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from sapo.config import ConfigError
+from supervisor.gpu import GpuDevice, GpuInfo, GpuPlan, NoSuchGpu, PlanError, plan_memory, requested_gpu
+from supervisor.sdnotify import child_env
+
+DEFAULT_NODE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "node")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Where the workers run: ``cpu``, or ``cuda`` on one GPU (or MIG instance) with a memory plan for it."""
+
+    device: str
+    gpu_plan: GpuPlan | None
+    why: str  # one line: how the device was chosen
+    gpu_device: GpuDevice | None = None
+    notes: tuple[str, ...] = ()  # worth a warning at launch (e.g. supervisor.gpu overrode CUDA_VISIBLE_DEVICES)
+
+    def describe(self) -> str:
+        if self.gpu_plan is None:
+            return f"device cpu ({self.why})"
+        return f"device cuda ({self.why}): {self.gpu_plan.describe()}"
+
+    def budget_bytes(self) -> int | None:
+        """A worker's planned GPU memory (fraction + CUDA context), or None on the CPU."""
+        return self.gpu_plan.budget_bytes() if self.gpu_plan else None
+
+    def to_dict(self) -> dict:
+        plan = dataclasses.asdict(self.gpu_plan) if self.gpu_plan else None
+        if plan is not None:
+            plan["budget_bytes_per_worker"] = self.gpu_plan.budget_bytes()
+        return {"device": self.device, "why": self.why, "gpu_plan": plan, "describe": self.describe(),
+                "gpu_device": dataclasses.asdict(self.gpu_device) if self.gpu_device else None,
+                "notes": list(self.notes)}
+
+
+def plan_launch(config, gpu: GpuInfo | None, environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Choose the device and share its memory among the workers.
+
+    The device: ``supervisor.gpu``, else the first entry of ``environ``'s ``CUDA_VISIBLE_DEVICES``, else
+    GPU 0 (see :func:`supervisor.gpu.requested_gpu`), looked up in NVML; a MIG instance is planned with
+    its own memory. :class:`~sapo.config.ConfigError` naming the setting when that device does not
+    exist, :class:`PlanError` when the plan cannot fit.
+    """
+    sv = config.supervisor
+    environ = os.environ if environ is None else environ
+    if sv.device == "cpu":
+        return LaunchPlan("cpu", None, "supervisor.device is cpu")
+    request = requested_gpu(sv.gpu, environ)
+    if request.spec is None:
+        hidden = f"CUDA_VISIBLE_DEVICES={request.inherited!r} hides every GPU"
+        if sv.device == "cuda":
+            raise PlanError(f"supervisor.device is 'cuda' but {hidden}; unset it, or choose one with "
+                            f"--set supervisor.gpu=INDEX|UUID")
+        return LaunchPlan("cpu", None, f"supervisor.device is auto and {hidden}")
+    if gpu is None:
+        if sv.device == "cuda":
+            raise PlanError("supervisor.device is 'cuda' but no usable GPU was found (NVML unavailable or no "
+                            "device); use --set supervisor.device=cpu (or auto) to run on the CPU")
+        return LaunchPlan("cpu", None, "supervisor.device is auto and no GPU was found")
+    device = _lookup(gpu, request.spec, request.field)
+    plan = plan_memory(device.total_bytes, sv.workers, sv.memory_fraction, sv.cuda_context_margin_gb)
+    notes = []
+    if request.source == "supervisor.gpu" and request.inherited is not None:
+        notes.extend(_overridden(gpu, device, request.inherited))
+    return LaunchPlan("cuda", plan, f"{request.describe()}: {device.describe()}", gpu_device=device,
+                      notes=tuple(notes))
+
+
+def _lookup(gpu: GpuInfo, spec: str, field_name: str) -> GpuDevice:
+    try:
+        return gpu.device(spec)
+    except NoSuchGpu as err:
+        raise ConfigError(field_name, f"{err}") from None
+    except Exception as err:  # noqa: BLE001 - an NVML failure while reading the device: one line, no traceback
+        raise PlanError(f"cannot read GPU {spec} ({field_name}) from NVML: {type(err).__name__}: {err}") from None
+
+
+def _overridden(gpu: GpuInfo, chosen: GpuDevice, inherited: str) -> list[str]:
+    """A note when supervisor.gpu and an inherited CUDA_VISIBLE_DEVICES name different devices."""
+    first = inherited.split(",")[0].strip()
+    other = None
+    if first and not first.startswith("-"):
+        try:
+            other = gpu.device(first).uuid
+        except Exception:  # noqa: BLE001 - a device NVML does not know differs from ours
+            other = None
+    if other == chosen.uuid:
+        return []
+    return [f"supervisor.gpu wins over the inherited CUDA_VISIBLE_DEVICES={inherited!r}: "
+            f"the workers use {chosen.uuid}"]
+
+
+# --------------------------------------------------------------------------- the node contract
+
+def node_names(workers: int) -> list[tuple[str, str]]:
+    """``[("coordinator", "coordinator"), ("worker_1", "worker"), …]`` in start order."""
+    return [("coordinator", "coordinator")] + [(f"worker_{i}", "worker") for i in range(1, workers + 1)]
+
+
+def cpu_share(workers: int) -> int:
+    """Threads per CPU worker: the cores this process may use, divided among the workers (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def node_argv(node_command: Sequence[str], config_path: str | None, overrides: Sequence[str], *, role: str,
+              node_id: str) -> list[str]:
+    """``[*node_command, --config, PATH, --role, ROLE, --node-id, ID, --set k=v, …]``."""
+    argv = list(node_command)
+    if config_path:
+        argv += ["--config", config_path]
+    argv += ["--role", role, "--node-id", node_id]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def node_env(environ: Mapping[str, str], launch: LaunchPlan | None, *, role: str, node_id: str,
+             runtime_dir: Path, workers: int) -> dict[str, str]:
+    """The environment of a node: ``environ`` minus systemd's variables, plus the contract's variables."""
+    env = child_env(environ)
+    device = launch.device if launch else "cpu"
+    env.update(NODE_ROLE=role, NODE_ID=node_id, SWARM_RUNTIME_DIR=str(runtime_dir))
+    env.pop("SWARM_MEMORY_FRACTION", None)
+    env.pop("SWARM_MEMORY_BYTES", None)
+    if role == "coordinator" or device != "cuda":
+        env["SWARM_DEVICE"] = "cpu" if role == "coordinator" else device
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        assert launch is not None and launch.gpu_plan is not None and launch.gpu_device
+        env["SWARM_DEVICE"] = "cuda"
+        # A UUID names one device whatever CUDA's order; PCI_BUS_ID makes any index agree with nvidia-smi.
+        env["CUDA_VISIBLE_DEVICES"] = launch.gpu_device.uuid
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        # Bytes, not a fraction: torch applies its fraction to cudaMemGetInfo's total, not NVML's.
+        env["SWARM_MEMORY_BYTES"] = str(int(launch.gpu_plan.bytes_per_worker))
+    if "OMP_NUM_THREADS" not in environ:
+        # torch gives every process one thread per core: N CPU workers would oversubscribe the cores
+        # (measured: a 2-worker CPU swarm on 2 cores ran 9x slower). Share them; the coordinator needs one.
+        # GPU workers too: their CPU-side ops (sampling bookkeeping, batching, scoring) start OpenMP teams
+        # whose spinning threads would compete with the other workers' kernel-launching threads.
+        env["OMP_NUM_THREADS"] = str(1 if role == "coordinator" else cpu_share(workers))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env

@@ -1,0 +1,227 @@
+"""What the supervisor measures beside the state machine: psutil per node, NVML per node, the shared dir.
+
+- :class:`ProcessSampler`: RSS (the node plus its descendants) and CPU % per node, and the supervisor's
+  own, with psutil. The ``psutil.Process`` objects are kept between samples (``cpu_percent`` needs the
+  same object).
+- :class:`GpuWatch`: NVML's process list and utilisation of the chosen device, matched to the nodes
+  through ``NSpid`` (container PIDs differ from NVML's host PIDs), the over-budget flag, and the wait
+  for a killed worker's memory to be released before it is respawned. Memory NVML does not report stays
+  unknown, never 0.
+- :class:`SharedPoller`: the round state and the workers' last rewards, read from the shared dir in a
+  helper thread (a Drive/FUSE mount may block; the loop never waits on it).
+
+Monitoring never takes the supervisor down: psutil and NVML errors leave figures unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Iterable
+
+import psutil
+
+from node.layout import ExperimentLayout
+from node.schemas import RoundState
+from supervisor import procs
+from supervisor.gpu import GpuDevice, GpuInfo, Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
+
+REWARD_KEYS = ("reward_local", "mean_reward", "reward")
+
+
+class ProcessSampler:
+    """psutil RSS/CPU of each live node (``node.proc``) and of this process, written onto the nodes."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}  # node pid -> its Process (cpu_percent needs the same one)
+        self._me: psutil.Process | None = None
+        self.me: dict = {"rss_bytes": None, "cpu_percent": None}
+
+    def sample(self, nodes: Iterable[Any]) -> None:
+        """Set ``rss_bytes`` and ``cpu_percent`` of every node with a process; forget processes gone."""
+        live = set()
+        for node in nodes:
+            if node.proc is not None:
+                live.add(node.proc.pid)
+                node.rss_bytes, node.cpu_percent = self._usage(node.proc.pid)
+        for pid in set(self._procs) - live:
+            self._procs.pop(pid, None)
+
+    def sample_self(self) -> None:
+        """The supervisor's own RSS and CPU % since the last call (``self.me``)."""
+        try:
+            if self._me is None:
+                self._me = psutil.Process()
+                self._me.cpu_percent(None)
+            self.me = {"rss_bytes": self._me.memory_info().rss, "cpu_percent": self._me.cpu_percent(None)}
+        except psutil.Error:
+            self.me = {"rss_bytes": None, "cpu_percent": None}
+
+    def _usage(self, pid: int) -> tuple[int | None, float | None]:
+        try:
+            proc = self._procs.get(pid)
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+                proc.cpu_percent(None)  # the first call only starts the measurement
+            rss = proc.memory_info().rss
+            cpu = proc.cpu_percent(None)
+            for child in proc.children(recursive=True):
+                try:
+                    rss += child.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return None, None
+        return rss, cpu
+
+
+class GpuWatch:
+    """NVML's view of the workers on ``device``: memory per node, the over-budget flag, release waits."""
+
+    def __init__(self, gpu: GpuInfo, device: GpuDevice, budget_bytes: int | None, *, proc_root, log: Any):
+        self.gpu, self.device, self.budget = gpu, device, budget_bytes
+        self.proc_root = proc_root
+        self.log = log
+        self.utilization: int | None = None
+        self.readable: bool | None = None  # could NVML list the device's processes last time?
+        self._error: str | None = None
+
+    def note_spawn(self, node: Any) -> None:
+        """Keep NVML's view of a new worker's pid (its NSpid line): after its death /proc has none."""
+        if node.role == "worker":
+            node.nvml_pids = nvml_pids_for(node.proc.pid, self.proc_root)
+
+    def sample(self, nodes: Iterable[Any]) -> None:
+        """Set ``gpu_bytes``, ``gpu_unknown`` and ``over_budget`` of every node with a process."""
+        try:
+            listed = self.gpu.processes(self.device)
+            self.utilization = self.gpu.utilization(self.device)
+        except Exception as err:  # noqa: BLE001 - monitoring never takes the supervisor down
+            if str(err) != self._error:  # once per kind of failure, not every tick
+                self._error = str(err)
+                self.log.warning("gpu_monitor_failed", error=str(err))
+            listed = None
+        self.readable = listed is not None
+        live = {n.proc.pid: n for n in nodes if n.proc is not None}
+        used = match_gpu_processes(live, listed or [], proc_root=self.proc_root)
+        for pid, node in live.items():
+            on_gpu = node.role == "worker"
+            node.gpu_bytes = used.get(pid)
+            # Unknown: listed without a figure, or a worker when the list itself cannot be read. Never 0.
+            node.gpu_unknown = (pid in used and node.gpu_bytes is None) or (listed is None and on_gpu)
+            self._budget_check(node, pid, on_gpu)
+
+    def _budget_check(self, node: Any, pid: int, on_gpu: bool) -> None:
+        budget = self.budget
+        over = bool(budget and on_gpu and node.gpu_bytes is not None and node.gpu_bytes > budget)
+        if over and not node.over_budget:
+            self.log.warning("node_over_budget", node=node.name, pid=pid, gpu_bytes=node.gpu_bytes,
+                             budget_bytes=budget, detail=f"{node.gpu_bytes / 2**30:.2f} GiB used > "
+                             f"{budget / 2**30:.2f} GiB planned (fraction + CUDA context)")
+        elif node.over_budget and not over and node.gpu_bytes is not None:
+            self.log.info("node_within_budget", node=node.name, pid=pid, gpu_bytes=node.gpu_bytes)
+        node.over_budget = over
+
+    def released(self, node: Any, now: float, timeout_s: float) -> bool:
+        """True once NVML no longer lists the node's old pid, or the wait passed ``timeout_s``.
+
+        A process list NVML cannot read is not "released": the wait then lasts ``timeout_s``.
+        """
+        if not node.nvml_pids or node.role != "worker":
+            return True
+        found = wait_gpu_released(self.gpu, self.device, node.nvml_pids, timeout_s=0.0)
+        if found is Release.RELEASED:
+            if node.gpu_wait_since is not None:
+                self.log.info("gpu_released", node=node.name, waited_s=round(now - node.gpu_wait_since, 3))
+            node.gpu_wait_since, node.nvml_pids = None, []
+            return True
+        if node.gpu_wait_since is None:
+            node.gpu_wait_since = now
+            self.log.info("gpu_wait_release", node=node.name, pids=node.nvml_pids, listing=found.value,
+                          timeout_s=timeout_s)
+            return False
+        if now - node.gpu_wait_since >= timeout_s:
+            why = ("NVML cannot list the device's processes, so their release cannot be seen"
+                   if found is Release.UNKNOWN else "NVML still lists it")
+            self.log.warning("gpu_not_released", node=node.name, pids=node.nvml_pids, listing=found.value,
+                             waited_s=round(now - node.gpu_wait_since, 3),
+                             detail=f"{why}; respawning anyway; it may run out of GPU memory")
+            node.gpu_wait_since, node.nvml_pids = None, []
+            return True
+        return False
+
+
+class SharedPoller:
+    """The coordinator's round state and each worker's last reward, read in a helper thread.
+
+    :meth:`poll` starts a read unless the previous one is still running (a slow mount: logged once, the
+    status shows older figures); :meth:`maybe_poll` does so at most every ``interval_s``. Only the
+    helper thread writes :attr:`round_state` and :attr:`rewards`.
+    """
+
+    def __init__(self, layout: ExperimentLayout, workers: Iterable[str], *, interval_s: float, log: Any):
+        self.layout = layout
+        self.workers = list(workers)
+        self.interval_s = interval_s
+        self.log = log
+        self.round_state: RoundState | None = None
+        self.rewards: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+        self._slow = False
+        self._next: float | None = None
+
+    def maybe_poll(self, now: float) -> None:
+        if self._next is None or now >= self._next:
+            self._next = now + self.interval_s
+            self.poll()
+
+    def poll(self, wait_s: float | None = None) -> None:
+        """Start a read of the shared dir (and wait for it up to ``wait_s`` when given)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            if thread is not None and self._slow:
+                self._slow = False
+                self.log.info("shared_dir_responsive_again")
+            thread = threading.Thread(target=self._read, name="shared-poll", daemon=True)
+            self._thread = thread
+            thread.start()
+        elif not self._slow:
+            self._slow = True
+            self.log.warning("shared_dir_slow", detail="the previous read of the shared dir has not returned; "
+                                                       "status shows older round/reward figures")
+        if wait_s is not None:
+            thread.join(wait_s)
+
+    def _read(self) -> None:
+        self._read_round_state()
+        for node_id in self.workers:
+            reward = self._last_reward(node_id)
+            if reward is not None:
+                self.rewards[node_id] = reward
+
+    def _read_round_state(self) -> None:
+        """The coordinator's state file (errors are ignored, the next poll retries)."""
+        try:
+            with open(self.layout.state_file(), "rb") as f:
+                data = f.read(1024 * 1024)
+            self.round_state = RoundState.from_json(json.loads(data))
+        except (OSError, ValueError):
+            pass
+
+    def _last_reward(self, node_id: str) -> float | None:
+        """``reward_local`` (or another reward field) of the node's last metrics line."""
+        try:
+            text = procs.tail_file(self.layout.metrics_file(node_id), max_bytes=16384, lines=3)
+        except (OSError, ValueError):
+            return None
+        for line in reversed(text.splitlines()):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                for key in REWARD_KEYS:
+                    value = obj.get(key)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        return float(value)
+        return None
