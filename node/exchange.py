@@ -12,7 +12,7 @@ import time
 import structlog
 
 from node.layout import ExperimentLayout
-from node.schemas import Rollout, RolloutFile, TaskRef
+from node.schemas import Rollout, RolloutFile
 from node.storage import SharedStore
 from sapo.rollouts import Group
 from sapo.swarm import SharedGroup
@@ -26,10 +26,9 @@ def rollout_file_for(groups: list[Group], *, node_id: str, round_: int, now: flo
     """Our groups of one round as the file peers read."""
     rollouts = {}
     for group in groups:
-        ref = group.question.ref
-        task = TaskRef(dataset=ref.dataset, seed=ref.seed, index=ref.index)
         rollouts[group.batch_id] = tuple(
-            Rollout(prompt=group.prompt, response=c.text, reward=float(r), finished=c.finished, task=task)
+            Rollout(prompt=group.prompt, response=c.text, reward=float(r), finished=c.finished,
+                    task=group.question.ref)
             for c, r in zip(group.completions, group.rewards)
         )
     return RolloutFile(peer_id=node_id, round=round_, stage=STAGE,
@@ -48,7 +47,7 @@ def shared_groups_from(file: RolloutFile) -> list[SharedGroup]:
             prompt=group[0].prompt,
             responses=tuple(r.response for r in group),
             finished=tuple(r.finished for r in group),
-            task=group[0].task.to_json(),
+            task=group[0].task,
             claimed_rewards=tuple(r.reward for r in group),
         ))
     return out

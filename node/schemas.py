@@ -1,294 +1,84 @@
-"""Every file format of the shared experiment directory, one frozen dataclass each (DESIGN.md §3).
+"""Every file format of the shared experiment directory, one frozen pydantic dataclass each (DESIGN.md §3).
 
-Each class has a ``SCHEMA_VERSION``, ``to_json() -> dict`` (what we write) and
+Each format has a ``SCHEMA_VERSION``, ``to_json() -> dict`` (what we write) and
 ``from_json(obj, *, expect_...) -> cls`` (what we accept from the shared directory, where everything is
 untrusted). ``from_json`` raises :class:`SchemaError` (a ``ValueError``) with one clear reason:
 
 - types are exact: a bool is not an int, a string is not a number; ints are accepted where a float is
   expected (JSON does not distinguish ``1`` from ``1.0``), and every float must be finite;
-- identifiers (node ids, experiment names) must be plain names (:func:`node.config.plain_name_problem`);
+- identifiers (node ids, experiment names) must be plain names (:data:`node.config.PlainName`);
 - sizes are capped (groups per file, completions per group, string lengths): :class:`RolloutLimits`;
 - a file whose ``schema_version`` is newer than ours is refused ("schema version N is newer than
   supported M"); an older version is accepted when its shape is fine;
-- ``expect_round``/``expect_stage``/``expect_node`` reject a file whose contents do not match the path it
-  was found at (a peer writing ``round: 7`` into ``round_5/`` is ignored, not trusted).
+- ``expect_round``/``expect_stage``/``expect_node``/``expect_experiment`` (the validation context) reject a
+  file whose contents do not match the path it was found at (a peer writing ``round: 7`` into
+  ``round_5/`` is ignored, not trusted), before the rest of the file is looked at.
 
-Unknown keys are ignored (a tolerant reader); what we write never carries them. No torch, no I/O here.
+Unknown top-level and rollout keys are ignored (a tolerant reader: a newer writer may add fields); what we
+write never carries them. A task reference is :class:`sapo.tasks.TaskRef`, whose keys are exact. Building
+a format in code validates it the same way (a ValueError). No torch, no I/O here.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping
+from typing import Annotated, Any, ClassVar, Mapping
 
-from node.config import plain_name_problem
+from pydantic import AfterValidator, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError, ValidationInfo
+from pydantic import field_serializer, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from node.config import PlainName
+from sapo.tasks import TaskRef
+from sapo.validation import Bool, Float, Int, Str, choice, explain, model, one_message, to_plain, validate
+
+__all__ = ["ConfigSnapshot", "DEFAULT_ROLLOUT_LIMITS", "PeerRecord", "Rollout", "RolloutFile", "RolloutLimits",
+           "RoundResult", "RoundState", "SchemaError", "TaskRef", "VERSIONED_FORMATS", "validate_metrics_line"]
 
 
 class SchemaError(ValueError):
     """A file from the shared directory does not match its format; ``str(err)`` says why."""
 
 
-# -- field checks -------------------------------------------------------------------------------------
+def schema_error(err: ValidationError, cls: type) -> SchemaError:
+    """``<format>.<field>: <reason>`` for the first problem pydantic found."""
+    path, message = explain(err, cls)
+    where = getattr(cls, "WHERE", cls.__name__.lower())
+    where = where if not path else f"{where}{'' if path.startswith('[') else '.'}{path}"
+    return SchemaError(f"{where}: {message}")
 
-_MAX_INT = 2**63 - 1
+
+_file_format = model(extra="ignore", error=schema_error)
+
+# -- field types --------------------------------------------------------------------------------------
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
-_BATCH_ID = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
-def _get(obj: Mapping, key: str, where: str) -> Any:
-    if key not in obj:
-        raise SchemaError(f"{where}: missing field {key!r}")
-    return obj[key]
-
-
-def _int(obj: Mapping, key: str, where: str, *, min: int = 0, max: int = _MAX_INT) -> int:
-    v = _get(obj, key, where)
-    if type(v) is not int:
-        raise SchemaError(f"{where}.{key}: must be an integer, got {type(v).__name__}")
-    if not min <= v <= max:
-        raise SchemaError(f"{where}.{key}: must be in [{min}, {max}], got {v}")
-    return v
-
-
-def _float(obj: Mapping, key: str, where: str, *, min: float | None = None) -> float:
-    v = _get(obj, key, where)
-    if type(v) is int:
-        if abs(v) > 2**53:
-            raise SchemaError(f"{where}.{key}: number out of range")
-        v = float(v)
-    elif type(v) is not float:
-        raise SchemaError(f"{where}.{key}: must be a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise SchemaError(f"{where}.{key}: must be a finite number, got {v!r}")
-    if min is not None and v < min:
-        raise SchemaError(f"{where}.{key}: must be >= {min}, got {v}")
-    return v
-
-
-def _bool(obj: Mapping, key: str, where: str) -> bool:
-    v = _get(obj, key, where)
-    if type(v) is not bool:
-        raise SchemaError(f"{where}.{key}: must be true or false, got {type(v).__name__}")
-    return v
-
-
-def _str(obj: Mapping, key: str, where: str, *, max_len: int, control_ok: bool = False) -> str:
-    v = _get(obj, key, where)
-    if type(v) is not str:
-        raise SchemaError(f"{where}.{key}: must be a string, got {type(v).__name__}")
-    if len(v) > max_len:
-        raise SchemaError(f"{where}.{key}: longer than {max_len} characters ({len(v)})")
-    if _SURROGATE.search(v):
-        raise SchemaError(f"{where}.{key}: contains a lone surrogate (not valid UTF-8)")
-    if not control_ok and _CONTROL.search(v):
-        raise SchemaError(f"{where}.{key}: contains control characters")
-    return v
-
-
-def _name(obj: Mapping, key: str, where: str) -> str:
-    v = _get(obj, key, where)
-    if type(v) is not str:
-        raise SchemaError(f"{where}.{key}: must be a string, got {type(v).__name__}")
-    problem = plain_name_problem(v)
-    if problem:
-        raise SchemaError(f"{where}.{key}: {v[:80]!r} {problem}")
-    return v
-
-
-def _choice(obj: Mapping, key: str, where: str, choices: tuple[str, ...]) -> str:
-    v = _get(obj, key, where)
-    if type(v) is not str or v not in choices:
-        shown = repr(v)[:80]
-        raise SchemaError(f"{where}.{key}: must be one of {', '.join(choices)}; got {shown}")
-    return v
-
-
-def _mapping(obj: Any, where: str) -> Mapping:
-    if not isinstance(obj, dict):
-        raise SchemaError(f"{where}: must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _version(obj: Mapping, where: str, supported: int) -> int:
-    v = _get(obj, "schema_version", where)
-    if type(v) is not int or v < 1:
-        raise SchemaError(f"{where}.schema_version: must be a positive integer, got {repr(v)[:40]}")
-    if v > supported:
-        raise SchemaError(f"{where}: schema version {v} is newer than supported {supported}")
-    return v
-
-
-def _expect(where: str, what: str, found: Any, expected: Any) -> None:
-    if expected is not None and found != expected:
-        raise SchemaError(f"{where}: {what} {found!r} does not match its path ({expected!r})")
-
-
-def _finite_float(value: float, what: str) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value!r}")
+def _valid_utf8(value: str) -> str:
+    if _SURROGATE.search(value):
+        raise ValueError("contains a lone surrogate (not valid UTF-8)")
     return value
 
 
-# -- state/current_state.json ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RoundState:
-    """The coordinator's view of the swarm: which round and stage is current, and whether it is over."""
-
-    SCHEMA_VERSION: ClassVar[int] = 1
-
-    experiment: str
-    round: int
-    stage: int
-    started_at: float
-    updated_at: float
-    finished: bool
-    max_rounds: int
-    schema_version: int = 1
-
-    def to_json(self) -> dict:
-        return {
-            "schema_version": self.SCHEMA_VERSION,
-            "experiment": self.experiment,
-            "round": self.round,
-            "stage": self.stage,
-            "started_at": _finite_float(self.started_at, "started_at"),
-            "updated_at": _finite_float(self.updated_at, "updated_at"),
-            "finished": bool(self.finished),
-            "max_rounds": self.max_rounds,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any, *, expect_experiment: str | None = None) -> "RoundState":
-        w = "state"
-        obj = _mapping(obj, w)
-        version = _version(obj, w, cls.SCHEMA_VERSION)
-        out = cls(
-            experiment=_name(obj, "experiment", w),
-            round=_int(obj, "round", w),
-            stage=_int(obj, "stage", w),
-            started_at=_float(obj, "started_at", w, min=0.0),
-            updated_at=_float(obj, "updated_at", w, min=0.0),
-            finished=_bool(obj, "finished", w),
-            max_rounds=_int(obj, "max_rounds", w, min=1),
-            schema_version=version,
-        )
-        _expect(w, "experiment", out.experiment, expect_experiment)
-        return out
+def _one_line(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("contains control characters")
+    return value
 
 
-# -- state/config.json ----------------------------------------------------------------------------------
+Count = Annotated[Int, Field(ge=0, le=2**63 - 1)]
+Version = Annotated[Int, Field(ge=1)]
+GroupCount = Annotated[Int, Field(ge=0, le=1_000_000)]
+Time = Annotated[Float, Field(ge=0.0)]
+Text = Annotated[Str, AfterValidator(_valid_utf8)]
+Line = Annotated[Text, AfterValidator(_one_line)]
+BatchId = Annotated[Str, Field(pattern=r"^(0|[1-9][0-9]{0,8})$"),
+                    one_message("a batch id: a non-negative integer as a string, without leading zeros")]
 
-@dataclass(frozen=True)
-class ConfigSnapshot:
-    """The resolved config written once into the experiment, so later nodes can check theirs against it.
-    ``config`` is :meth:`ExperimentConfig.to_dict`; its field-level validation is ``node.config``'s job."""
-
-    SCHEMA_VERSION: ClassVar[int] = 1
-
-    experiment: str
-    written_by: str
-    written_at: float
-    config: Mapping[str, Any]
-    schema_version: int = 1
-
-    def to_json(self) -> dict:
-        return {
-            "schema_version": self.SCHEMA_VERSION,
-            "experiment": self.experiment,
-            "written_by": self.written_by,
-            "written_at": _finite_float(self.written_at, "written_at"),
-            "config": dict(self.config),
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any, *, expect_experiment: str | None = None) -> "ConfigSnapshot":
-        w = "config_snapshot"
-        obj = _mapping(obj, w)
-        version = _version(obj, w, cls.SCHEMA_VERSION)
-        config = _mapping(_get(obj, "config", w), f"{w}.config")
-        out = cls(
-            experiment=_name(obj, "experiment", w),
-            written_by=_name(obj, "written_by", w),
-            written_at=_float(obj, "written_at", w, min=0.0),
-            config=config,
-            schema_version=version,
-        )
-        _expect(w, "experiment", out.experiment, expect_experiment)
-        return out
-
-
-# -- peers/<node>.json ------------------------------------------------------------------------------------
-
-PEER_ROLES = ("coordinator", "worker")
-PEER_STATUSES = ("starting", "running", "finished", "stopping")
-
-
-@dataclass(frozen=True)
-class PeerRecord:
-    """A node's registration and heartbeat. ``progress`` is a counter the main loop bumps, so a loop that is
-    stuck (while a heartbeat thread still runs) is visible to the supervisor."""
-
-    SCHEMA_VERSION: ClassVar[int] = 1
-
-    node_id: str
-    role: str
-    pid: int
-    host: str
-    started_at: float
-    heartbeat_at: float
-    round: int
-    progress: int
-    status: str
-    schema_version: int = 1
-
-    def __post_init__(self):
-        if self.role not in PEER_ROLES:
-            raise ValueError(f"role must be one of {', '.join(PEER_ROLES)}; got {self.role!r}")
-        if self.status not in PEER_STATUSES:
-            raise ValueError(f"status must be one of {', '.join(PEER_STATUSES)}; got {self.status!r}")
-
-    def to_json(self) -> dict:
-        return {
-            "schema_version": self.SCHEMA_VERSION,
-            "node_id": self.node_id,
-            "role": self.role,
-            "pid": self.pid,
-            "host": self.host,
-            "started_at": _finite_float(self.started_at, "started_at"),
-            "heartbeat_at": _finite_float(self.heartbeat_at, "heartbeat_at"),
-            "round": self.round,
-            "progress": self.progress,
-            "status": self.status,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any, *, expect_node: str | None = None) -> "PeerRecord":
-        w = "peer"
-        obj = _mapping(obj, w)
-        version = _version(obj, w, cls.SCHEMA_VERSION)
-        out = cls(
-            node_id=_name(obj, "node_id", w),
-            role=_choice(obj, "role", w, PEER_ROLES),
-            pid=_int(obj, "pid", w, max=2**31 - 1),
-            host=_str(obj, "host", w, max_len=255),
-            started_at=_float(obj, "started_at", w, min=0.0),
-            heartbeat_at=_float(obj, "heartbeat_at", w, min=0.0),
-            round=_int(obj, "round", w),
-            progress=_int(obj, "progress", w),
-            status=_choice(obj, "status", w, PEER_STATUSES),
-            schema_version=version,
-        )
-        _expect(w, "node_id", out.node_id, expect_node)
-        return out
-
-
-# -- rollouts/round_R/stage_S/<node>.json -------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RolloutLimits:
@@ -298,68 +88,155 @@ class RolloutLimits:
     max_completions: int = 64
     max_prompt_chars: int = 32_768
     max_response_chars: int = 32_768
-    max_dataset_chars: int = 128
 
 
 DEFAULT_ROLLOUT_LIMITS = RolloutLimits()
 
 
-@dataclass(frozen=True)
-class TaskRef:
-    """Where a question comes from, so the receiver can rebuild question and answer and re-score locally:
-    ``reasoning_gym.create_dataset(dataset, size=..., seed=seed)[index]``."""
+def _context(info: ValidationInfo) -> Mapping[str, Any]:
+    return info.context or {}
 
-    dataset: str
-    seed: int
-    index: int
+
+def _limits(info: ValidationInfo) -> RolloutLimits:
+    return _context(info).get("limits") or DEFAULT_ROLLOUT_LIMITS
+
+
+class FileFormat:
+    """What every shared-dir format shares: the version rule, path expectations, to_json and from_json.
+
+    ``PATH_FIELDS`` maps a ``from_json`` keyword (``expect_round``...) to the field it pins; ``WHERE`` names
+    the format in error messages.
+    """
+
+    SCHEMA_VERSION: ClassVar[int | None] = 1
+    WHERE: ClassVar[str] = "file"
+    PATH_FIELDS: ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_and_path(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):  # built in code, or not an object at all: the fields decide
+            return data
+        if cls.SCHEMA_VERSION is not None:
+            version = data.get("schema_version")
+            if "schema_version" not in data:
+                raise PydanticCustomError("missing_field", "missing field 'schema_version'")
+            if type(version) is int and version > cls.SCHEMA_VERSION:
+                raise PydanticCustomError("newer_version", "schema version {found} is newer than supported {ours}",
+                                          {"found": version, "ours": cls.SCHEMA_VERSION})
+        for keyword, name in cls.PATH_FIELDS.items():
+            expected = _context(info).get(keyword)
+            if expected is not None and name in data and data[name] != expected:
+                raise PydanticCustomError("wrong_path", "{name} {found} does not match its path ({expected})",
+                                          {"name": name, "found": repr(data[name])[:80], "expected": repr(expected)})
+        return data
 
     def to_json(self) -> dict:
-        return {"dataset": self.dataset, "seed": self.seed, "index": self.index}
+        """What we write: the current schema version first, then every field."""
+        body = {k: v for k, v in to_plain(self).items() if k != "schema_version"}
+        return {"schema_version": self.SCHEMA_VERSION, **body} if self.SCHEMA_VERSION else body
 
     @classmethod
-    def from_json(cls, obj: Any, where: str = "task", *, limits: RolloutLimits = DEFAULT_ROLLOUT_LIMITS) -> "TaskRef":
-        obj = _mapping(obj, where)
-        return cls(
-            dataset=_str(obj, "dataset", where, max_len=limits.max_dataset_chars),
-            seed=_int(obj, "seed", where),
-            index=_int(obj, "index", where),
-        )
+    def from_json(cls, obj: Any, *, limits: RolloutLimits | None = None, **expect: Any):
+        """Parse an untrusted object; ``expect`` pins fields to the path the file was found at."""
+        unknown = sorted(set(expect) - set(cls.PATH_FIELDS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_json() got unexpected keyword arguments {unknown}")
+        try:
+            return validate(cls, obj, context={**expect, "limits": limits})
+        except ValidationError as err:
+            raise schema_error(err, cls) from None
 
 
-@dataclass(frozen=True)
+# -- state/current_state.json ---------------------------------------------------------------------------
+
+@_file_format
+class RoundState(FileFormat):
+    """The coordinator's view of the swarm: which round and stage is current, and whether it is over."""
+
+    WHERE: ClassVar[str] = "state"
+    PATH_FIELDS: ClassVar[Mapping[str, str]] = {"expect_experiment": "experiment"}
+
+    experiment: PlainName
+    round: Count
+    stage: Count
+    started_at: Time
+    updated_at: Time
+    finished: Bool
+    max_rounds: Annotated[Int, Field(ge=1, le=2**63 - 1)]
+    schema_version: Version = 1
+
+
+# -- state/config.json ----------------------------------------------------------------------------------
+
+@_file_format
+class ConfigSnapshot(FileFormat):
+    """The resolved config written once into the experiment, so later nodes can check theirs against it.
+    ``config`` is :meth:`ExperimentConfig.to_dict`; its field-level validation is ``node.config``'s job."""
+
+    WHERE: ClassVar[str] = "config_snapshot"
+    PATH_FIELDS: ClassVar[Mapping[str, str]] = {"expect_experiment": "experiment"}
+
+    experiment: PlainName
+    written_by: PlainName
+    written_at: Time
+    config: dict[Str, JsonValue]
+    schema_version: Version = 1
+
+
+# -- peers/<node>.json ------------------------------------------------------------------------------------
+
+PEER_ROLES = ("coordinator", "worker")
+PEER_STATUSES = ("starting", "running", "finished", "stopping")
+
+
+@_file_format
+class PeerRecord(FileFormat):
+    """A node's registration and heartbeat. ``progress`` is a counter the main loop bumps, so a loop that is
+    stuck (while a heartbeat thread still runs) is visible to the supervisor."""
+
+    WHERE: ClassVar[str] = "peer"
+    PATH_FIELDS: ClassVar[Mapping[str, str]] = {"expect_node": "node_id"}
+
+    node_id: PlainName
+    role: choice(*PEER_ROLES)
+    pid: Annotated[Int, Field(ge=0, le=2**31 - 1)]
+    host: Annotated[Line, Field(max_length=255)]
+    started_at: Time
+    heartbeat_at: Time
+    round: Count
+    progress: Count
+    status: choice(*PEER_STATUSES)
+    schema_version: Version = 1
+
+
+# -- rollouts/round_R/stage_S/<node>.json -------------------------------------------------------------
+
+# Files under round_R/stage_S/ carry their round and stage.
+_ROUND_PATH = {"expect_round": "round", "expect_stage": "stage"}
+
+@_file_format
 class Rollout:
     """One completion of a question, with the reward its author gave it (never trusted by a receiver)."""
 
-    prompt: str
-    response: str
-    reward: float
-    finished: bool
+    prompt: Text
+    response: Text
+    reward: Float
+    finished: Bool
     task: TaskRef
 
-    def to_json(self) -> dict:
-        return {
-            "prompt": self.prompt,
-            "response": self.response,
-            "reward": _finite_float(self.reward, "reward"),
-            "finished": bool(self.finished),
-            "task": self.task.to_json(),
-        }
-
+    @field_validator("prompt", "response")
     @classmethod
-    def from_json(cls, obj: Any, where: str = "rollout", *,
-                  limits: RolloutLimits = DEFAULT_ROLLOUT_LIMITS) -> "Rollout":
-        obj = _mapping(obj, where)
-        return cls(
-            prompt=_str(obj, "prompt", where, max_len=limits.max_prompt_chars, control_ok=True),
-            response=_str(obj, "response", where, max_len=limits.max_response_chars, control_ok=True),
-            reward=_float(obj, "reward", where),
-            finished=_bool(obj, "finished", where),
-            task=TaskRef.from_json(_get(obj, "task", where), f"{where}.task", limits=limits),
-        )
+    def _within_limits(cls, value: str, info: ValidationInfo) -> str:
+        limits = _limits(info)
+        cap = limits.max_prompt_chars if info.field_name == "prompt" else limits.max_response_chars
+        if len(value) > cap:
+            raise ValueError(f"longer than {cap} characters ({len(value)})")
+        return value
 
 
-@dataclass(frozen=True)
-class RolloutFile:
+@_file_format
+class RolloutFile(FileFormat):
     """One node's rollouts for one (round, stage), in the seeds' shape::
 
         {"schema_version": 1, "peer_id": "worker_1", "round": 5, "stage": 0, "timestamp": 1.7e9,
@@ -369,142 +246,66 @@ class RolloutFile:
     prompt and one task reference. ``rollouts`` is read-only (a mapping proxy of tuples).
     """
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    WHERE: ClassVar[str] = "rollout_file"
+    PATH_FIELDS: ClassVar[Mapping[str, str]] = {**_ROUND_PATH, "expect_node": "peer_id"}
 
-    peer_id: str
-    round: int
-    stage: int
-    timestamp: float
-    rollouts: Mapping[str, tuple[Rollout, ...]] = field(default_factory=dict)
-    schema_version: int = 1
+    peer_id: PlainName
+    round: Count
+    stage: Count
+    timestamp: Time
+    rollouts: Mapping[BatchId, Annotated[tuple[Rollout, ...], Field(min_length=1)]] = Field(default_factory=dict)
+    schema_version: Version = 1
 
-    def __post_init__(self):
-        frozen = {}
-        for batch_id, group in dict(self.rollouts).items():
-            if not isinstance(batch_id, str) or not _BATCH_ID.fullmatch(batch_id):
-                raise ValueError(f"batch id must be a non-negative integer as a string, got {batch_id!r}")
-            group = tuple(group)
-            if group and any(r.prompt != group[0].prompt or r.task != group[0].task for r in group):
-                raise ValueError(f"group {batch_id}: every completion must share one prompt and task")
-            frozen[batch_id] = group
-        object.__setattr__(self, "rollouts", MappingProxyType(frozen))
+    @field_validator("rollouts", mode="before")
+    @classmethod
+    def _counts_within_limits(cls, groups: Any, info: ValidationInfo) -> Any:
+        """Count groups and completions before parsing them: an oversized file costs no more than that."""
+        limits = _limits(info)
+        if isinstance(groups, Mapping):
+            if len(groups) > limits.max_groups:
+                raise ValueError(f"{len(groups)} groups, more than the limit {limits.max_groups}")
+            for batch_id, group in groups.items():
+                if isinstance(group, (list, tuple)) and len(group) > limits.max_completions:
+                    raise ValueError(f"group {str(batch_id)[:20]!r}: {len(group)} completions, more than the "
+                                     f"limit {limits.max_completions}")
+        return groups
+
+    @field_validator("rollouts")
+    @classmethod
+    def _groups_share_question(cls, groups: Mapping[str, tuple[Rollout, ...]]) -> Mapping[str, tuple[Rollout, ...]]:
+        for batch_id, group in groups.items():
+            for i, item in enumerate(group[1:], 1):
+                differs = "prompt" if item.prompt != group[0].prompt else "task reference"
+                if differs == "prompt" or item.task != group[0].task:
+                    raise ValueError(f"group {batch_id!r}, completion {i}: {differs} differs from the group's first")
+        return MappingProxyType(dict(groups))
+
+    @field_serializer("rollouts", mode="wrap")
+    def _plain_rollouts(self, groups: Mapping, handler: Any) -> Any:
+        return handler(dict(groups))  # the read-only proxy, dumped as the dict it wraps
 
     @property
     def num_groups(self) -> int:
         return len(self.rollouts)
 
-    def to_json(self) -> dict:
-        return {
-            "schema_version": self.SCHEMA_VERSION,
-            "peer_id": self.peer_id,
-            "round": self.round,
-            "stage": self.stage,
-            "timestamp": _finite_float(self.timestamp, "timestamp"),
-            "rollouts": {bid: [r.to_json() for r in group] for bid, group in self.rollouts.items()},
-        }
-
-    @classmethod
-    def from_json(
-        cls,
-        obj: Any,
-        *,
-        expect_round: int | None = None,
-        expect_stage: int | None = None,
-        expect_node: str | None = None,
-        limits: RolloutLimits = DEFAULT_ROLLOUT_LIMITS,
-    ) -> "RolloutFile":
-        w = "rollout_file"
-        obj = _mapping(obj, w)
-        version = _version(obj, w, cls.SCHEMA_VERSION)
-        peer_id = _name(obj, "peer_id", w)
-        rnd = _int(obj, "round", w)
-        stage = _int(obj, "stage", w)
-        # Path consistency first: a misplaced file is rejected before its (possibly large) body is checked.
-        _expect(w, "peer_id", peer_id, expect_node)
-        _expect(w, "round", rnd, expect_round)
-        _expect(w, "stage", stage, expect_stage)
-        timestamp = _float(obj, "timestamp", w, min=0.0)
-        groups = _mapping(_get(obj, "rollouts", w), f"{w}.rollouts")
-        if len(groups) > limits.max_groups:
-            raise SchemaError(f"{w}.rollouts: {len(groups)} groups, more than the limit {limits.max_groups}")
-        parsed: dict[str, tuple[Rollout, ...]] = {}
-        for batch_id, group in groups.items():
-            gw = f"{w}.rollouts[{batch_id[:20]!r}]"
-            if not _BATCH_ID.fullmatch(batch_id):
-                raise SchemaError(f"{gw}: batch id must be a non-negative integer as a string")
-            if not isinstance(group, list):
-                raise SchemaError(f"{gw}: must be a list of completions, got {type(group).__name__}")
-            if not group:
-                raise SchemaError(f"{gw}: empty group")
-            if len(group) > limits.max_completions:
-                raise SchemaError(f"{gw}: {len(group)} completions, more than the limit {limits.max_completions}")
-            items = tuple(Rollout.from_json(item, f"{gw}[{i}]", limits=limits) for i, item in enumerate(group))
-            first = items[0]
-            for i, item in enumerate(items[1:], 1):
-                if item.prompt != first.prompt:
-                    raise SchemaError(f"{gw}[{i}]: prompt differs from the group's first completion")
-                if item.task != first.task:
-                    raise SchemaError(f"{gw}[{i}]: task reference differs from the group's first completion")
-            parsed[batch_id] = items
-        return cls(peer_id=peer_id, round=rnd, stage=stage, timestamp=timestamp, rollouts=parsed,
-                   schema_version=version)
-
 
 # -- rewards/round_R/stage_S/<node>.json --------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RoundResult:
+@_file_format
+class RoundResult(FileFormat):
     """A worker's result for one (round, stage): the coordinator's completion signal."""
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    WHERE: ClassVar[str] = "round_result"
+    PATH_FIELDS: ClassVar[Mapping[str, str]] = {**_ROUND_PATH, "expect_node": "node_id"}
 
-    node_id: str
-    round: int
-    stage: int
-    mean_reward: float
-    num_local_groups: int
-    num_external_groups: int
-    submitted_at: float
-    schema_version: int = 1
-
-    def to_json(self) -> dict:
-        return {
-            "schema_version": self.SCHEMA_VERSION,
-            "node_id": self.node_id,
-            "round": self.round,
-            "stage": self.stage,
-            "mean_reward": _finite_float(self.mean_reward, "mean_reward"),
-            "num_local_groups": self.num_local_groups,
-            "num_external_groups": self.num_external_groups,
-            "submitted_at": _finite_float(self.submitted_at, "submitted_at"),
-        }
-
-    @classmethod
-    def from_json(
-        cls,
-        obj: Any,
-        *,
-        expect_round: int | None = None,
-        expect_stage: int | None = None,
-        expect_node: str | None = None,
-    ) -> "RoundResult":
-        w = "round_result"
-        obj = _mapping(obj, w)
-        version = _version(obj, w, cls.SCHEMA_VERSION)
-        out = cls(
-            node_id=_name(obj, "node_id", w),
-            round=_int(obj, "round", w),
-            stage=_int(obj, "stage", w),
-            mean_reward=_float(obj, "mean_reward", w),
-            num_local_groups=_int(obj, "num_local_groups", w, max=1_000_000),
-            num_external_groups=_int(obj, "num_external_groups", w, max=1_000_000),
-            submitted_at=_float(obj, "submitted_at", w, min=0.0),
-            schema_version=version,
-        )
-        _expect(w, "node_id", out.node_id, expect_node)
-        _expect(w, "round", out.round, expect_round)
-        _expect(w, "stage", out.stage, expect_stage)
-        return out
+    node_id: PlainName
+    round: Count
+    stage: Count
+    mean_reward: Float
+    num_local_groups: GroupCount
+    num_external_groups: GroupCount
+    submitted_at: Time
+    schema_version: Version = 1
 
 
 # -- logs/<node>/metrics.jsonl ----------------------------------------------------------------------------
@@ -512,30 +313,47 @@ class RoundResult:
 _METRICS_MAX_DEPTH = 8
 
 
-def validate_metrics_line(obj: Any, *, expect_node: str | None = None) -> dict:
-    """A metrics line is free-form JSON but must be an object with a plain ``node_id`` and an integer
-    ``round`` >= 0, and only finite numbers (write ``None`` for a NaN loss). Returns ``obj``."""
-    w = "metrics_line"
-    obj = _mapping(obj, w)
-    node_id = _name(obj, "node_id", w)
-    _int(obj, "round", w)
-    _expect(w, "node_id", node_id, expect_node)
-    stack: list[tuple[Any, str, int]] = [(obj, w, 0)]
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (0 for a scalar), computed without recursion."""
+    deepest, stack = 0, [(value, 0)]
     while stack:
-        value, where, depth = stack.pop()
-        if depth > _METRICS_MAX_DEPTH:
-            raise SchemaError(f"{where}: nested deeper than {_METRICS_MAX_DEPTH} levels")
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if not isinstance(k, str):
-                    raise SchemaError(f"{where}: keys must be strings, got {type(k).__name__}")
-                stack.append((v, f"{where}.{k}", depth + 1))
-        elif isinstance(value, (list, tuple)):
-            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value))
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise SchemaError(f"{where}: must be a finite number (use null), got {value!r}")
-        elif value is not None and not isinstance(value, (str, int, float, bool)):
-            raise SchemaError(f"{where}: {type(value).__name__} is not a JSON value")
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((v, depth + 1) for v in children)
+    return deepest
+
+
+def _shallow(line: dict) -> dict:
+    if _depth(line) > _METRICS_MAX_DEPTH:
+        raise ValueError(f"nested deeper than {_METRICS_MAX_DEPTH} levels")
+    return line
+
+
+@_file_format
+class MetricsLine(FileFormat):
+    """A metrics line: free-form JSON, but an object with a plain ``node_id`` and an integer ``round`` >= 0,
+    only finite numbers (write ``None`` for a NaN loss) and at most eight levels deep."""
+
+    SCHEMA_VERSION: ClassVar[int | None] = None
+    WHERE: ClassVar[str] = "metrics_line"
+    PATH_FIELDS: ClassVar[Mapping[str, str]] = {"expect_node": "node_id"}
+
+    node_id: PlainName
+    round: Count
+
+
+_JSON_OBJECT = TypeAdapter(Annotated[dict[str, JsonValue], AfterValidator(_shallow)],
+                           config=ConfigDict(allow_inf_nan=False))
+
+
+def validate_metrics_line(obj: Any, *, expect_node: str | None = None) -> dict:
+    """Check one metrics line (see :class:`MetricsLine`); returns ``obj``, or raises SchemaError."""
+    MetricsLine.from_json(obj, expect_node=expect_node)
+    try:
+        _JSON_OBJECT.validate_python(obj)
+    except ValidationError as err:
+        raise schema_error(err, MetricsLine) from None
     return obj
 
 

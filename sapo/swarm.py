@@ -28,7 +28,7 @@ class SharedGroup:
     prompt: str
     responses: tuple[str, ...]
     finished: tuple[bool, ...]
-    task: dict
+    task: TaskRef | None  # None: the peer gave no usable reference (dropped as bad_reference)
     claimed_rewards: tuple[float, ...] = ()  # what the peer says it scored; compared, never used
 
 
@@ -67,12 +67,10 @@ def rebuild_group(
     """
     if len(shared.responses) != num_generations or len(shared.finished) != num_generations:
         return "wrong_size"
-    try:
-        ref = TaskRef.from_dict(shared.task)
-    except (TaskError, TypeError, ValueError):
+    if not isinstance(shared.task, TaskRef):
         return "bad_reference"
     try:
-        question = bank.rebuild(ref, experiment_seed=experiment_seed)
+        question = bank.rebuild(shared.task, experiment_seed=experiment_seed)
     except TaskError:
         return "unknown_task"
     prompt = build_prompt(question.text)
@@ -144,6 +142,6 @@ def share_group(group: Group, peer_id: str) -> SharedGroup:
         prompt=group.prompt,
         responses=tuple(c.text for c in group.completions),
         finished=tuple(c.finished for c in group.completions),
-        task=group.question.ref.to_dict() if group.question is not None else {},
+        task=group.question.ref if group.question is not None else None,
         claimed_rewards=tuple(group.rewards),
     )

@@ -36,12 +36,14 @@ import hashlib
 import io
 import math
 import random
-import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
+
+from pydantic import Field, ValidationError
 
 from sapo.prompts import MAX_ANSWER_CHARS, SYSTEM_PROMPT, build_prompt, extract_answer
 from sapo.toy_tasks import TOY_COPY_WORDS, TOY_TASKS
+from sapo.validation import Int, Str, explain, model, one_message, to_plain, validate
 
 __all__ = ["DATASET_SIZE", "MAX_ANSWER_CHARS", "MAX_SEED", "SYSTEM_PROMPT", "TOY_COPY_WORDS", "Question", "TaskBank",
            "TaskError", "TaskRef", "build_prompt", "dataset_seed", "dataset_size", "extract_answer",
@@ -62,8 +64,6 @@ MAX_SEED = 2**63
 # Datasets built for seeds other than the experiment's own (peer references) are kept in a small LRU.
 _CACHE_SIZE = 64
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
-
 
 class TaskError(ValueError):
     """A bad task name, task reference or sampling argument (often from an untrusted peer)."""
@@ -74,44 +74,33 @@ class TaskError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if type(value) is not int:  # rejects bool and int subclasses
-        raise TaskError(f"task ref {name} must be an integer, got {type(value).__name__}")
-    if not lo <= value < hi:
-        raise TaskError(f"task ref {name} must be in [{lo}, {hi}), got {value}")
+def _task_error(err: ValidationError, cls: type) -> TaskError:
+    path, message = explain(err, cls)
+    return TaskError(f"task ref {path}: {message}" if path else f"task ref {message}")
 
 
-@dataclass(frozen=True)
+@model(extra="forbid", error=_task_error)
 class TaskRef:
-    """A question as ``create_dataset(dataset, size=dataset_size(dataset), seed=seed)[index]``."""
+    """A question as ``create_dataset(dataset, size=dataset_size(dataset), seed=seed)[index]``.
 
-    dataset: str
-    seed: int
-    index: int
+    The one task reference: built by the bank, written into rollout files, parsed from peers' files
+    (exact keys, strict types and ranges) and rebuilt by the receiver. A mistake raises TaskError.
+    """
 
-    def __post_init__(self):
-        if type(self.dataset) is not str or not _NAME_RE.fullmatch(self.dataset):
-            raise TaskError(
-                f"task ref dataset must be 1-64 characters of [A-Za-z0-9_], got {self.dataset!r:.80}"
-            )
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("index", self.index, 0, DATASET_SIZE)
+    dataset: Annotated[Str, Field(pattern=r"^[A-Za-z0-9_]{1,64}$"), one_message("1-64 characters of [A-Za-z0-9_]")]
+    seed: Annotated[Int, Field(ge=0, lt=MAX_SEED)]
+    index: Annotated[Int, Field(ge=0, lt=DATASET_SIZE)]
 
     def to_dict(self) -> dict:
-        return {"dataset": self.dataset, "seed": self.seed, "index": self.index}
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, obj: Any) -> "TaskRef":
         """Parse a reference received from a peer: exact keys, strict types and ranges, else TaskError."""
-        if type(obj) is not dict:
-            raise TaskError(f"task ref must be a JSON object, got {type(obj).__name__}")
-        keys = set(obj)
-        expected = {"dataset", "seed", "index"}
-        if keys != expected:
-            missing = sorted(str(k) for k in expected - keys)
-            extra = sorted(repr(k)[:40] for k in keys - expected)[:5]
-            raise TaskError(f"task ref keys must be exactly {sorted(expected)}; missing {missing}, extra {extra}")
-        return cls(obj["dataset"], obj["seed"], obj["index"])
+        try:
+            return validate(cls, obj)
+        except ValidationError as err:
+            raise _task_error(err, cls) from None
 
 
 @dataclass(frozen=True)

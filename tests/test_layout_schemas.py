@@ -187,6 +187,9 @@ HOSTILE_ROLLOUTS = {
     "future version": lambda o: o.__setitem__("schema_version", 2),
     "zero version": lambda o: o.__setitem__("schema_version", 0),
     "str version": lambda o: o.__setitem__("schema_version", "1"),
+    "unsafe dataset": lambda o: [r["task"].__setitem__("dataset", "../etc") for r in o["rollouts"]["0"]],
+    "extra task key": lambda o: [r["task"].__setitem__("extra", 1) for r in o["rollouts"]["0"]],
+    "index out of range": lambda o: [r["task"].__setitem__("index", 10**6) for r in o["rollouts"]["0"]],
 }
 
 
@@ -270,3 +273,29 @@ def test_round_state_rejects(mutate):
 def test_metrics_line_rejects(line):
     with pytest.raises(SchemaError):
         validate_metrics_line(line)
+
+
+def test_one_task_reference_class():
+    import sapo.tasks
+
+    assert TaskRef is sapo.tasks.TaskRef
+    back = RolloutFile.from_json(make_rollout_file().to_json())
+    assert type(back.rollouts["0"][0].task) is sapo.tasks.TaskRef
+
+
+def test_messages_name_the_field_and_the_rule():
+    obj = make_rollout_file().to_json()
+    obj["rollouts"]["0"][0]["task"]["seed"] = True
+    with pytest.raises(SchemaError, match=r"rollout_file.rollouts\['0'\]\[0\].task.seed: must be an integer, got True"):
+        RolloutFile.from_json(obj)
+    with pytest.raises(TypeError):
+        RolloutFile.from_json(obj, expect_experiment="x")  # not a path field of a rollout file
+    with pytest.raises(SchemaError, match="state.max_rounds: must be >= 1; got 0"):
+        RoundState(experiment="e", round=0, stage=0, started_at=0.0, updated_at=0.0, finished=False, max_rounds=0)
+    state = RoundState(experiment="e", round=0, stage=0, started_at=0.0, updated_at=0.0, finished=False,
+                       max_rounds=3).to_json()
+    with pytest.raises(SchemaError, match="experiment 'e' does not match its path"):
+        RoundState.from_json(state, expect_experiment="f")
+    del state["schema_version"]
+    with pytest.raises(SchemaError, match="state: missing field 'schema_version'"):
+        RoundState.from_json(state)

@@ -158,8 +158,8 @@ def test_bad_peer_groups_are_dropped_with_reasons():
     good = _peer_groups()[0]
     bad = [
         replace(good, batch_id="a", prompt=good.prompt + " (tampered)"),
-        replace(good, batch_id="b", task={"dataset": "../etc", "seed": 1, "index": 0}),
-        replace(good, batch_id="c", task={**good.task, "dataset": "bf"}),  # not in this experiment's mix
+        replace(good, batch_id="b", task=None),  # malformed references are refused when the peer's file is read
+        replace(good, batch_id="c", task=replace(good.task, dataset="bf")),  # not in this experiment's mix
         replace(good, batch_id="d", responses=good.responses[:2], finished=good.finished[:2]),
         replace(good, batch_id="e", peer_id="me"),
     ]

@@ -262,6 +262,15 @@ def test_taskerror_is_a_valueerror():
     assert issubclass(TaskError, ValueError)
 
 
+def test_taskref_built_in_code_is_checked_the_same_way():
+    with pytest.raises(TaskError, match="task ref dataset: must be 1-64 characters"):
+        TaskRef("../x", 1, 2)
+    with pytest.raises(TaskError, match="task ref index: must be < 1000000; got 1000000"):
+        TaskRef("basic_arithmetic", 1, DATASET_SIZE)
+    with pytest.raises(TaskError, match="task ref extra: unknown key"):
+        TaskRef.from_dict({"dataset": "bf", "seed": 1, "index": 2, "extra": 3})
+
+
 # -- the bank's boundaries ---------------------------------------------------------------------------
 
 
