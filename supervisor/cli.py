@@ -756,6 +756,11 @@ def cmd_validate(args) -> int:
 # --------------------------------------------------------------------------- config / systemd-unit
 
 def cmd_config(args) -> int:
+    if args.schema:  # the file's JSON Schema: needs no valid config (editors validate configs with it)
+        from node.config import config_json_schema
+
+        sys.stdout.write(json.dumps(config_json_schema(), indent=2) + "\n")
+        return 0
     config, _ = _load(args)
     sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False))
     return 0
@@ -820,8 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("config", help="print the resolved config (file + env + --set) as YAML",
-                       description="Print the configuration the nodes would run with, as YAML.")
+                       description="Print the configuration the nodes would run with, as YAML; with --schema, "
+                                   "the JSON Schema of the YAML file instead (for editors' validation).")
     _config_args(p)
+    p.add_argument("--schema", action="store_true", help="print the config file's JSON Schema and exit")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("systemd-unit", help="print a systemd unit file for this experiment",

@@ -388,3 +388,17 @@ def test_logs_read_rotated_files_too(tmp_path, rt, capsys):
     out = capsys.readouterr().out
     shown = [int(x.split("n=")[1].split()[0]) for x in out.splitlines() if "n=" in x]
     assert shown == sorted(shown) and shown[-1] == 11 and len(shown) > 3  # the live file alone holds ~2 lines
+
+
+def test_config_schema_describes_the_yaml_file_and_validates_a_shipped_config(tmp_path, capsys):
+    assert cli.main(["config", str(tmp_path / "not-even-there.yaml"), "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema["properties"]) >= {"experiment", "model", "sapo", "coordinator", "exchange", "supervisor"}
+    text = json.dumps(schema)
+    assert "num_generations" in text and "micro_batch_tokens" in text
+    jsonschema = pytest.importorskip("jsonschema")
+    repo = Path(__file__).resolve().parents[1]
+    for shipped in sorted((repo / "configs").glob("*.yaml")):
+        jsonschema.validate(yaml.safe_load(shipped.read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"sapo": {"num_generations": "eight"}}, schema)
