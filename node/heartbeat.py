@@ -18,10 +18,10 @@ import hashlib
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from node.fsio import BadFile, read_capped, write_atomic
+from node.schemas import HeartbeatRecord  # noqa: F401 (its home is schemas; importers use this module)
 from node.strict_json import encode_json, parse_json_bytes
 
 RUNTIME_DIR_ENV = "SWARM_RUNTIME_DIR"
@@ -44,44 +44,6 @@ def default_runtime_dir(experiment_dir: Path) -> Path:
 def heartbeat_path(runtime_dir: Path, node_id: str) -> Path:
     """Where ``node_id`` writes its heartbeat."""
     return Path(runtime_dir) / f"{node_id}{HEARTBEAT_SUFFIX}"
-
-
-@dataclass(frozen=True)
-class HeartbeatRecord:
-    """What one heartbeat says. Times are wall-clock seconds (time.time())."""
-
-    node_id: str
-    role: str
-    pid: int
-    heartbeat_at: float
-    progress: int
-    progress_at: float
-    phase: str
-    round: int
-    status: str  # starting | running | finished | stopping
-
-    def to_json(self) -> dict:
-        """Plain dict for JSON."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj) -> "HeartbeatRecord":
-        """Parse and type-check a heartbeat (ValueError on anything unexpected)."""
-        if not isinstance(obj, dict):
-            raise ValueError("heartbeat is not an object")
-        fields = {
-            "node_id": str, "role": str, "pid": int, "heartbeat_at": float, "progress": int,
-            "progress_at": float, "phase": str, "round": int, "status": str,
-        }
-        out = {}
-        for key, tp in fields.items():
-            value = obj.get(key)
-            if tp is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, tp) or isinstance(value, bool):
-                raise ValueError(f"heartbeat field {key!r} must be {tp.__name__}")
-            out[key] = value
-        return cls(**out)
 
 
 def read_heartbeat(path: Path) -> HeartbeatRecord | None:

@@ -34,7 +34,7 @@ from node.config import PlainName
 from sapo.tasks import TaskRef
 from sapo.validation import Bool, Float, Int, Str, choice, explain, model, one_message, to_plain, validate
 
-__all__ = ["ConfigSnapshot", "DEFAULT_ROLLOUT_LIMITS", "PeerRecord", "Rollout", "RolloutFile", "RolloutLimits",
+__all__ = ["ConfigSnapshot", "DEFAULT_ROLLOUT_LIMITS", "HeartbeatRecord", "PeerRecord", "Rollout", "RolloutFile", "RolloutLimits",
            "RoundResult", "RoundState", "SchemaError", "TaskRef", "VERSIONED_FORMATS", "validate_metrics_line"]
 
 
@@ -208,6 +208,27 @@ class PeerRecord(FileFormat):
     progress: Count
     status: choice(*PEER_STATUSES)
     schema_version: Version = 1
+
+
+# -- <runtime dir>/<node>.heartbeat.json (local disk, read by the supervisor) --------------------------
+
+@_file_format
+class HeartbeatRecord(FileFormat):
+    """What one heartbeat says (node.heartbeat writes it). Times are wall-clock seconds (time.time()).
+    Not a shared-dir file, but read by another process all the same: validated like one. No version."""
+
+    SCHEMA_VERSION: ClassVar[int | None] = None
+    WHERE: ClassVar[str] = "heartbeat"
+
+    node_id: PlainName
+    role: Annotated[Line, Field(max_length=32)]
+    pid: Annotated[Int, Field(ge=0, le=2**31 - 1)]
+    heartbeat_at: Float
+    progress: Count
+    progress_at: Float
+    phase: Annotated[Line, Field(max_length=64)]
+    round: Count
+    status: Annotated[Line, Field(max_length=32)]  # starting | running | finished | stopping
 
 
 # -- rollouts/round_R/stage_S/<node>.json -------------------------------------------------------------
