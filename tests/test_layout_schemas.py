@@ -299,3 +299,21 @@ def test_messages_name_the_field_and_the_rule():
     del state["schema_version"]
     with pytest.raises(SchemaError, match="state: missing field 'schema_version'"):
         RoundState.from_json(state)
+
+
+@pytest.mark.parametrize("change", [
+    {"pid": "12"}, {"pid": True}, {"heartbeat_at": float("nan")}, {"progress": -1}, {"node_id": "../x"},
+    {"phase": "a\nb"}, {"status": "x" * 100},
+])
+def test_a_hostile_heartbeat_reads_as_none(tmp_path, change):
+    import json
+
+    from node.heartbeat import HeartbeatRecord, heartbeat_path, read_heartbeat
+
+    good = HeartbeatRecord(node_id="worker_1", role="worker", pid=12, heartbeat_at=1.0, progress=3, progress_at=1.0,
+                           phase="train", round=2, status="running")
+    path = heartbeat_path(tmp_path, "worker_1")
+    path.write_text(json.dumps(good.to_json()))
+    assert read_heartbeat(path) == good
+    path.write_text(json.dumps({**good.to_json(), **change}, allow_nan=True))
+    assert read_heartbeat(path) is None
