@@ -15,6 +15,9 @@ to outlast the measurement, files in a temporary root. ``--nodes fake`` runs the
 2. the supervisor's CPU use over ``--seconds`` of steady state, from its own ``/proc/<pid>/stat``
    (user + system clock ticks of all its threads, the shared-dir poller included), as % of one core;
    how often it rewrote ``status.json`` (its mtime polled every 0.1 s), and its resident memory.
+
+``--host-processes N`` starts N idle processes first: a busier host (psutil's search for a node's
+children reads every process's parent, so the supervisor's cost used to grow with the host).
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ def report(args, launch_s: float, latencies: list[float], m: dict, status: dict,
         ("status.json rewrites", f"{m['status_writes'] * 60 / m['wall_s']:.0f} per minute"),
         ("round reached", f"{status.get('round')}"),
         ("supervisor RSS", f"{m['rss'] / 2**20:.1f} MiB"),
-        ("machine", f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; supervisor exit code after SIGTERM: {rc}"),
+        ("machine", f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, {len(psutil.pids())} processes; "
+                    f"supervisor exit code after SIGTERM: {rc}"),
     ]
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}}  value")
@@ -180,6 +184,8 @@ def main(argv=None) -> int:
                    help="supervisor.monitor_interval_s (default 0.5 real, as smoke-cpu ships; 2.0 fake)")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="supervisor.heartbeat_interval_s (1.0)")
     p.add_argument("--backoff", type=float, default=0.0, help="supervisor.backoff_initial_s (0)")
+    p.add_argument("--host-processes", type=int, default=0,
+                   help="idle processes started first, to measure on a busier host (default 0)")
     args = p.parse_args(argv)
     if args.kills is None:
         args.kills = 5 if args.nodes == "fake" else 0
@@ -190,6 +196,7 @@ def main(argv=None) -> int:
     paths = RuntimePaths(tmp / "rt")
     cmd, env = launch_command(args, tmp, paths)
     nodes = args.workers + 1
+    idle = [subprocess.Popen(["sleep", "86400"], stdin=subprocess.DEVNULL) for _ in range(args.host_processes)]
     with open(tmp / "supervisor.out", "wb") as out:
         sup = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -202,6 +209,9 @@ def main(argv=None) -> int:
             status = read_status(paths) or {}
         finally:
             stop(sup)
+            for proc in idle:
+                proc.kill()
+                proc.wait()
     report(args, launch_s, latencies, m, status, sup.returncode)
     shutil.rmtree(tmp, ignore_errors=True)  # kept when the run failed (an exception above)
     return 0

@@ -15,8 +15,9 @@ in this order:
 4. spawns, one start-up at a time (the coordinator, then each worker once the previous one heartbeats or
    gave up; simultaneous CUDA start-ups fail), a killed GPU worker only once NVML no longer lists it
    (:meth:`supervisor.watch.GpuWatch.released`, bounded by ``gpu_release_timeout_s``);
-5. every ``monitor_interval_s``: psutil and NVML figures and the shared dir (:mod:`supervisor.watch`),
-   ``status.json`` (:mod:`supervisor.status`); sd_notify every tick.
+5. every ``monitor_interval_s``: psutil and NVML figures and the shared dir (:mod:`supervisor.watch`);
+   every tick, sd_notify and ``status.json``, rewritten only when something lasting changed or its
+   refresh is due (:class:`supervisor.status.StatusFile`).
 
 The rest lives beside it: the launch plan and node contract (:mod:`supervisor.launch`), the runtime dir,
 lock and pid file (:mod:`supervisor.runfiles`), ``on_event`` (:mod:`supervisor.hooks`) and the production
@@ -42,7 +43,7 @@ from supervisor.hooks import EventHooks
 from supervisor.launch import DEFAULT_NODE_COMMAND, LaunchPlan, node_argv, node_env, node_names, plan_launch
 from supervisor.loop import EXIT_FATAL, EXIT_FINISHED
 from supervisor.managed import ManagedNode, exit_info, hung_reason
-from supervisor.runfiles import RuntimePaths, SupervisorLock, write_json_atomic
+from supervisor.runfiles import RuntimePaths, SupervisorLock
 from supervisor.sdnotify import SdNotifier, SupervisorNotices
 from supervisor.states import TERMINAL_STATES, ExitInfo, NodeState, NodeStatus, RestartPolicy, change_state
 from supervisor.stopping import StopSequence
@@ -100,6 +101,7 @@ class Supervisor:
         self.shared = SharedPoller(ExperimentLayout.from_config(config),
                                    [n.name for n in self.nodes.values() if n.role == "worker"],
                                    interval_s=shared_poll_s, log=self.log)
+        self.status_file = status.StatusFile(self.paths.status_file, self.log)
         self._lock = SupervisorLock(self.paths)
         self.notices = SupervisorNotices(self.notifier)
         self._next_monitor: float | None = None
@@ -193,13 +195,11 @@ class Supervisor:
         if done:
             self.shared.poll(wait_s=5.0)
             self.exit_code = self._compute_exit_code()
-        heavy = self._next_monitor is None or now >= self._next_monitor or done
-        if heavy:
+        if self._next_monitor is None or now >= self._next_monitor or done:
             self._next_monitor = now + self.sv.monitor_interval_s
             self._monitor(now)
         self.notices.update(now, ready=status.launch_complete(self), summary=self.summary_line, done=done)
-        if heavy:
-            self.write_status(now)
+        self.write_status(now, force=done)
         if done:
             self._finish()
         return done
@@ -350,8 +350,8 @@ class Supervisor:
 
     def _monitor(self, now: float) -> None:
         if self.sample_processes:
-            self.sampler.sample(self.nodes.values())
-        self.sampler.sample_self()
+            self.sampler.sample(self.nodes.values(), now)
+        self.sampler.sample_self(now)
         if self.gpu_watch is not None:
             self.gpu_watch.sample(self.nodes.values())
         self.shared.maybe_poll(now)
@@ -368,11 +368,10 @@ class Supervisor:
         """Everything ``swarm status`` shows, JSON-ready."""
         return status.snapshot(self, now)
 
-    def write_status(self, now: float | None = None) -> None:
-        try:
-            write_json_atomic(self.paths.status_file, self.snapshot(now))
-        except OSError as err:
-            self.log.warning("status_write_failed", path=str(self.paths.status_file), error=str(err))
+    def write_status(self, now: float | None = None, *, force: bool = True) -> None:
+        """``status.json`` now (``force``), or only if something lasting changed or the refresh is due."""
+        now = self.os.monotonic() if now is None else now
+        self.status_file.offer(self.snapshot(now), now, force=force)
 
     def wait_events(self, timeout_s: float = 5.0) -> None:
         """Give running on_event commands a moment (a finish alert) before the supervisor exits."""

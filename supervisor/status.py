@@ -1,9 +1,11 @@
-"""``status.json``: what ``swarm status`` shows, built from a Supervisor, and read back.
+"""``status.json``: what ``swarm status`` shows, built from a Supervisor, written when it matters, read back.
 
 :func:`snapshot` is everything about the swarm, JSON-ready (version :data:`STATUS_VERSION`);
 :func:`summary_line` is its one-line form (sd_notify ``STATUS=``, the console); :func:`phase` and
-:func:`launch_complete` say where the supervisor as a whole is. :func:`read_status` is the reader's side.
-The human table lives in ``supervisor/cli.py``.
+:func:`launch_complete` say where the supervisor as a whole is. :class:`StatusFile` rewrites the file at
+once when something lasting changed (a state, a pid, a restart, a failure, a GPU figure) and otherwise
+every :data:`STATUS_REFRESH_S`, so ages, rounds, rewards and CPU figures stay fresh without a rewrite
+every tick. :func:`read_status` is the reader's side. The human table lives in ``supervisor/cli.py``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from supervisor.runfiles import RuntimePaths
+from supervisor.runfiles import RuntimePaths, write_json_atomic
 from supervisor.states import NodeState
 
 if TYPE_CHECKING:
@@ -23,6 +25,12 @@ if TYPE_CHECKING:
 
 S = NodeState
 STATUS_VERSION = 1
+STATUS_REFRESH_S = 5.0  # rewrite at least this often while nothing lasting changes (cli warns after 60 s)
+# Figures that change all the time: a change in these alone waits for the next refresh.
+PASSING_TOP = ("updated_at", "summary", "round")
+PASSING_NODE = ("uptime_s", "in_state_s", "backoff_left_s", "heartbeat_age_s", "progress_age_s", "phase", "round",
+                "reward", "rss_bytes", "cpu_percent")
+PASSING_NESTED = {"supervisor": ("rss_bytes", "cpu_percent"), "gpu": ("utilization",)}
 
 
 def read_status(paths: RuntimePaths) -> dict | None:
@@ -139,3 +147,41 @@ def snapshot(sup: "Supervisor", now: float | None = None) -> dict:
         "nodes": nodes,
     }
 
+
+def lasting(snap: dict) -> dict:
+    """``snap`` without the figures that change all the time (:data:`PASSING_TOP` and the others)."""
+    out = {k: v for k, v in snap.items() if k not in PASSING_TOP}
+    for key, passing in PASSING_NESTED.items():
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k not in passing}
+    out["nodes"] = {name: {k: v for k, v in d.items() if k not in PASSING_NODE}
+                    for name, d in (snap.get("nodes") or {}).items()}
+    return out
+
+
+class StatusFile:
+    """Writes snapshots to ``path`` when something lasting changed, else every ``refresh_s``."""
+
+    def __init__(self, path: Path, log: Any, refresh_s: float = STATUS_REFRESH_S):
+        self.path = path
+        self.log = log
+        self.refresh_s = refresh_s
+        self._last: dict | None = None
+        self._written_at: float | None = None
+
+    def due(self, now: float) -> bool:
+        """True when the refresh interval has passed (or nothing was written yet)."""
+        return self._written_at is None or now - self._written_at >= self.refresh_s
+
+    def offer(self, snap: dict, now: float, *, force: bool = False) -> bool:
+        """Write ``snap`` when forced, due, or lastingly different from the last one written; True if written."""
+        key = lasting(snap)
+        if not (force or self.due(now) or key != self._last):
+            return False
+        try:
+            write_json_atomic(self.path, snap)
+        except OSError as err:
+            self.log.warning("status_write_failed", path=str(self.path), error=str(err))
+            return False
+        self._last, self._written_at = key, now
+        return True

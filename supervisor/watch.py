@@ -2,7 +2,8 @@
 
 - :class:`ProcessSampler`: RSS (the node plus its descendants) and CPU % per node, and the supervisor's
   own, with psutil. The ``psutil.Process`` objects are kept between samples (``cpu_percent`` needs the
-  same object).
+  same object), and the descendants are looked up only every :data:`TREE_REFRESH_S`: psutil finds
+  children by reading the parent of *every* process on the host, which was most of the supervisor's CPU.
 - :class:`GpuWatch`: NVML's process list and utilisation of the chosen device, matched to the nodes
   through ``NSpid`` (container PIDs differ from NVML's host PIDs), the over-budget flag, and the wait
   for a killed worker's memory to be released before it is respawned. Memory NVML does not report stays
@@ -26,29 +27,39 @@ from node.schemas import RoundState
 from supervisor import procs
 from supervisor.gpu import GpuDevice, GpuInfo, Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
 
+TREE_REFRESH_S = 30.0  # how often each node's descendants are looked up again (a scan of every process)
+SELF_SAMPLE_S = 5.0  # the supervisor's own CPU % is averaged over this long (status.json's refresh)
 REWARD_KEYS = ("reward_local", "mean_reward", "reward")
 
 
 class ProcessSampler:
     """psutil RSS/CPU of each live node (``node.proc``) and of this process, written onto the nodes."""
 
-    def __init__(self) -> None:
+    def __init__(self, tree_refresh_s: float = TREE_REFRESH_S, self_every_s: float = SELF_SAMPLE_S):
+        self.tree_refresh_s = tree_refresh_s
+        self.self_every_s = self_every_s
         self._procs: dict[int, psutil.Process] = {}  # node pid -> its Process (cpu_percent needs the same one)
+        self._trees: dict[int, tuple[float, list[psutil.Process]]] = {}  # node pid -> (looked up at, descendants)
         self._me: psutil.Process | None = None
+        self._me_at: float | None = None
         self.me: dict = {"rss_bytes": None, "cpu_percent": None}
 
-    def sample(self, nodes: Iterable[Any]) -> None:
+    def sample(self, nodes: Iterable[Any], now: float) -> None:
         """Set ``rss_bytes`` and ``cpu_percent`` of every node with a process; forget processes gone."""
         live = set()
         for node in nodes:
             if node.proc is not None:
                 live.add(node.proc.pid)
-                node.rss_bytes, node.cpu_percent = self._usage(node.proc.pid)
+                node.rss_bytes, node.cpu_percent = self._usage(node.proc.pid, now)
         for pid in set(self._procs) - live:
             self._procs.pop(pid, None)
+            self._trees.pop(pid, None)
 
-    def sample_self(self) -> None:
-        """The supervisor's own RSS and CPU % since the last call (``self.me``)."""
+    def sample_self(self, now: float) -> None:
+        """The supervisor's own RSS and CPU % (``self.me``), at most every ``self_every_s``."""
+        if self._me_at is not None and now - self._me_at < self.self_every_s:
+            return
+        self._me_at = now
         try:
             if self._me is None:
                 self._me = psutil.Process()
@@ -57,7 +68,7 @@ class ProcessSampler:
         except psutil.Error:
             self.me = {"rss_bytes": None, "cpu_percent": None}
 
-    def _usage(self, pid: int) -> tuple[int | None, float | None]:
+    def _usage(self, pid: int, now: float) -> tuple[int | None, float | None]:
         try:
             proc = self._procs.get(pid)
             if proc is None:
@@ -65,14 +76,24 @@ class ProcessSampler:
                 proc.cpu_percent(None)  # the first call only starts the measurement
             rss = proc.memory_info().rss
             cpu = proc.cpu_percent(None)
-            for child in proc.children(recursive=True):
-                try:
-                    rss += child.memory_info().rss
-                except psutil.Error:
-                    pass
         except psutil.Error:
             return None, None
+        for child in self._descendants(proc, now):
+            try:
+                rss += child.memory_info().rss
+            except psutil.Error:
+                pass  # it ended since the last look-up
         return rss, cpu
+
+    def _descendants(self, proc: psutil.Process, now: float) -> list[psutil.Process]:
+        seen = self._trees.get(proc.pid)
+        if seen is None or now - seen[0] >= self.tree_refresh_s:
+            try:
+                children = proc.children(recursive=True)
+            except psutil.Error:
+                children = []
+            seen = self._trees[proc.pid] = (now, children)
+        return seen[1]
 
 
 class GpuWatch:
