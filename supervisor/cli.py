@@ -42,7 +42,7 @@ from supervisor.daemon import Supervisor
 from supervisor.launch import node_names
 from supervisor.runfiles import AlreadyRunning, RuntimePaths, running_supervisor
 from supervisor.status import read_status
-from supervisor.gpu import PlanError
+from supervisor.gpu_plan import PlanError
 from supervisor.systemd import render_unit, unit_name
 
 NODE_COMMAND_ENV = "SWARM_NODE_COMMAND"  # tests and the bench run a fake node through this

@@ -38,11 +38,12 @@ import structlog
 from node.heartbeat import default_runtime_dir
 from node.layout import ExperimentLayout
 from supervisor import loop, procs, status
-from supervisor.gpu import GpuInfo, open_gpu
+from supervisor.gpu import GpuInfo
 from supervisor.hooks import EventHooks
 from supervisor.launch import DEFAULT_NODE_COMMAND, LaunchPlan, node_argv, node_env, node_names, plan_launch
 from supervisor.loop import EXIT_FATAL, EXIT_FINISHED
 from supervisor.managed import ManagedNode, exit_info, hung_reason
+from supervisor.nvml import open_gpu
 from supervisor.runfiles import RuntimePaths, SupervisorLock
 from supervisor.sdnotify import SdNotifier, SupervisorNotices
 from supervisor.states import TERMINAL_STATES, ExitInfo, NodeState, NodeStatus, RestartPolicy, change_state

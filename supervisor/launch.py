@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from sapo.config import ConfigError
-from supervisor.gpu import GpuDevice, GpuInfo, GpuPlan, NoSuchGpu, PlanError, plan_memory, requested_gpu
+from supervisor.gpu import GpuDevice, GpuInfo, NoSuchGpu, requested_gpu
+from supervisor.gpu_plan import GpuPlan, PlanError, plan_memory
 from supervisor.sdnotify import child_env
 
 DEFAULT_NODE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "node")

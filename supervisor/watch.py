@@ -25,7 +25,8 @@ import psutil
 from node.layout import ExperimentLayout
 from node.schemas import RoundState
 from supervisor import procs
-from supervisor.gpu import GpuDevice, GpuInfo, Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
+from supervisor.gpu import GpuDevice, GpuInfo
+from supervisor.gpu_pids import Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
 
 TREE_REFRESH_S = 30.0  # how often each node's descendants are looked up again (a scan of every process)
 SELF_SAMPLE_S = 5.0  # the supervisor's own CPU % is averaged over this long (status.json's refresh)

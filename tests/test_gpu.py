@@ -1,5 +1,5 @@
-"""supervisor.gpu: NVML absence, a fake pynvml (old drivers, MIG, unknown memory), the device choice, the fake
-GPU, memory plans, container PID mapping, release waits."""
+"""supervisor.gpu, .nvml, .gpu_plan, .gpu_pids: NVML absence, a fake pynvml (old drivers, MIG, unknown
+memory), the device choice, the fake GPU, memory plans, container PID mapping, release waits."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 
 from doubles import FakeGpu, fake_uuid
 from supervisor import gpu as gpumod
-from supervisor.gpu import (
-    GIB, GpuDevice, GpuProcess, NoSuchGpu, NvmlGpu, PlanError, Release, match_gpu_processes,
-    nvml_pids_for, open_gpu, plan_memory, requested_gpu, wait_gpu_released,
-)
+from supervisor.gpu import GIB, GpuDevice, GpuProcess, NoSuchGpu, requested_gpu
+from supervisor.gpu_pids import Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
+from supervisor.gpu_plan import PlanError, plan_memory
+from supervisor.nvml import NvmlGpu, open_gpu
 
 
 class RecordingLog:
@@ -610,7 +610,8 @@ def test_wait_gpu_released_over_a_driver_without_any_process_query(monkeypatch, 
 
 
 def test_gpu_module_does_not_import_torch():
-    code = "import sys; import supervisor.gpu, supervisor.procs, supervisor.states, supervisor.sdnotify; " \
+    code = "import sys; import supervisor.gpu, supervisor.nvml, supervisor.gpu_plan, supervisor.gpu_pids, " \
+           "supervisor.procs, supervisor.states, supervisor.sdnotify; " \
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(gpumod.__file__)))

@@ -22,7 +22,8 @@ from supervisor import cli, daemon
 from supervisor.daemon import Supervisor
 from supervisor.launch import cpu_share, plan_launch
 from supervisor.status import read_status
-from supervisor.gpu import GIB, PlanError
+from supervisor.gpu import GIB
+from supervisor.gpu_plan import PlanError
 from supervisor.sdnotify import SdNotifier
 from supervisor.states import NodeState
 from test_daemon import RecordingLog, advance, start_all
