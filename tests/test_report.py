@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +11,9 @@ from pathlib import Path
 import pytest
 from swarm_helpers import swarm_factory  # noqa: F401 - the fixture (tests/ is on sys.path via conftest)
 
-from supervisor.report import (
-    ReportError,
-    build_report,
-    load_experiment,
-    main,
-    moving_window,
-    read_jsonl,
-    trailing_mean,
-)
+from supervisor.report import build_report, main
+from supervisor.report_data import ReportError, load_experiment
+from supervisor.report_table import moving_window, trailing_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -207,11 +202,86 @@ def test_report_does_not_import_torch(two_experiments, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
 
 
-def test_read_jsonl_is_tolerant(tmp_path):
-    path = tmp_path / "m.jsonl"
-    path.write_bytes(b'{"a": 1}\n\nnot json\n[1, 2]\n{"b": 2}\n{"c": ')
-    assert read_jsonl(path) == ([{"a": 1}, {"b": 2}], 3)
-    assert read_jsonl(tmp_path / "missing.jsonl") == ([], 0)
+def _report(capsys, *experiments, out) -> tuple[int, str, str]:
+    """``swarm report``'s function on ``experiments``: (exit code, stdout, stderr)."""
+    code = main([*map(str, experiments), "--out", str(out)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.timeout(60)  # a FIFO that were opened would block forever
+def test_hostile_log_files_are_skipped_in_one_line_each(two_experiments, tmp_path, capsys):
+    base, sapo = two_experiments
+    logs = sapo / "logs"
+    (logs / "worker_1" / "metrics.jsonl").unlink()
+    (logs / "worker_1" / "metrics.jsonl").symlink_to("/dev/zero")
+    (logs / "worker_2" / "training_events.jsonl").unlink()
+    os.mkfifo(logs / "worker_2" / "training_events.jsonl")
+    (logs / "worker_3").symlink_to(base / "logs" / "worker_1", target_is_directory=True)
+    code, out, err = _report(capsys, base, sapo, out=tmp_path / "out")
+    assert code == 0 and err == ""
+    assert "- toy-2loc2ext: skipped logs/worker_1/metrics.jsonl: is a symlink\n" in out
+    assert "- toy-2loc2ext: skipped logs/worker_2/training_events.jsonl: is not a regular file\n" in out
+    assert "- toy-2loc2ext: skipped logs/worker_3: is a symlink\n" in out
+    row = next(e for e in json.loads((tmp_path / "out" / "report.json").read_text())["experiments"]
+               if e["label"] == "toy-2loc2ext")
+    assert (row["workers"], row["finished"]) == (1, False)  # worker_2 only; its events were refused
+
+    for name in ("metrics.jsonl", "training_events.jsonl"):  # nothing readable left: a one-line error
+        (logs / "worker_2" / name).unlink()
+        (logs / "worker_2" / name).symlink_to("/dev/zero")
+    code, out, err = _report(capsys, sapo, out=tmp_path / "out2")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("report: nothing to report: ") and "logs/worker_2/metrics.jsonl: is a symlink" in err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind,reason", [
+    ("dev_zero", "is a symlink"),
+    ("fifo", "is not a regular file"),
+    ("nan", "NaN is not allowed"),
+    ("list", "not a config snapshot"),
+])
+def test_a_hostile_config_snapshot_is_skipped_in_one_line(two_experiments, tmp_path, capsys, kind, reason):
+    _, sapo = two_experiments
+    snapshot = sapo / "state" / "config.json"
+    snapshot.unlink()
+    if kind == "dev_zero":
+        snapshot.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(snapshot)
+    else:
+        snapshot.write_text('{"config": {"sapo": {"num_train_samples": NaN}}}' if kind == "nan" else "[1]")
+    code, out, err = _report(capsys, sapo, out=tmp_path / "out")
+    assert code == 0 and err == ""
+    (line,) = [x for x in out.splitlines() if "state/config.json" in x]
+    assert line.startswith("- toy-2loc2ext: skipped state/config.json: ") and reason in line
+    assert "| toy-2loc2ext | ? | ? | ? | 2 | 4 | 1.80 |" in out  # I/J/G unknown, the logs read as before
+
+
+def test_a_401_digit_integer_is_a_note_not_a_traceback(two_experiments, tmp_path, capsys):
+    base, sapo = two_experiments
+    huge = 10 ** 400
+    snapshot = sapo / "state" / "config.json"
+    obj = json.loads(snapshot.read_text())
+    obj["config"]["sapo"]["num_train_samples"] = huge
+    snapshot.write_text(json.dumps(obj))
+    metrics = sapo / "logs" / "worker_1" / "metrics.jsonl"
+    with metrics.open("a") as fh:
+        fh.write(json.dumps(metrics_line("worker_1", 5, 0.5, J=2) | {"round": huge}) + "\n")  # skipped
+        fh.write(json.dumps(metrics_line("worker_1", 4, huge, J=2) | {"timestamp": huge, "gpu_peak_bytes": huge,
+                                                                       "num_local_groups": huge}) + "\n")
+    events = sapo / "logs" / "worker_1" / "training_events.jsonl"
+    with events.open("a") as fh:
+        fh.write(json.dumps({"node_id": "worker_1", "event": "resumed", "timestamp": huge, "round": huge}) + "\n")
+    code, out, err = _report(capsys, base, sapo, out=tmp_path / "out")
+    assert code == 0 and err == ""
+    assert ("- toy-2loc2ext: state/config.json: sapo.num_train_samples is not an integer in [0, 2**63 - 1] "
+            "(a 401-digit integer); ignored\n") in out
+    assert "- toy-2loc2ext: skipped 1 unreadable or foreign line(s)\n" in out
+    assert "| toy-2loc2ext | ? | 2 | 4 | 2 | 4 | 1.80 |" in out  # round 4's reward is unknown: not counted
+    rows = {e["label"]: e for e in json.loads((tmp_path / "out" / "report.json").read_text())["experiments"]}
+    assert rows["toy-2loc2ext"]["restarts"] == 1 and rows["toy-2loc2ext"]["num_train_samples"] is None
 
 
 def test_moving_average_helpers():

@@ -1,0 +1,279 @@
+"""What one experiment recorded, for ``swarm report``: its I/J/G, each worker's metrics and events.
+
+An experiment is given as a config file (read with :func:`node.config.resolve_config`, so environment
+overrides and ``--set`` apply; its I/J come from the config) or an experiment directory (I/J from its
+``state/config.json``). Each worker's ``logs/<node>/metrics.jsonl`` and ``training_events.jsonl`` are read
+tolerantly through :mod:`node.fsio`, the one checked reader, so a running experiment works: a partial
+last line or any unparseable line is skipped, a node without files is simply absent, and a repeated
+(node, round) line keeps its first occurrence (the one the worker wrote when it trained that round).
+
+Everything under the experiment directory is untrusted (other machines write it). A file that is a
+symlink, a FIFO or a device, a config snapshot that is too large or not strict JSON, a metrics line that
+is not a :class:`node.schemas.MetricsLine`: each becomes one line in the report's warnings and is left
+out, never a traceback. A number too large for a float (a 401-digit integer) reads as unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from node.config import plain_name_problem, resolve_config  # no torch: node.config is shared with the supervisor
+from node.fsio import BadFile, read_capped, read_jsonl
+from node.schemas import validate_metrics_line
+from node.strict_json import parse_json_bytes
+from sapo.config import ConfigError
+
+CONFIG_SNAPSHOT_MAX_BYTES = 16 * 1024 * 1024  # a snapshot is a few KiB; this is a sanity cap
+MAX_COUNT = 2 ** 63 - 1  # the largest round, I, J or G we take (node.schemas' Count)
+SNAPSHOT_COUNTS = ("num_train_samples", "num_transplant_trees", "num_generations")
+
+
+class ReportError(ValueError):
+    """A user mistake (no such config or directory, nothing to report); the CLI prints it and exits 2."""
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite JSON number (not a bool); None otherwise, also for an
+    integer too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def count_or_none(value: Any) -> int | None:
+    """``value`` when it is an int in ``[0, MAX_COUNT]``, else None."""
+    return value if type(value) is int and 0 <= value <= MAX_COUNT else None
+
+
+@dataclass
+class ExperimentData:
+    """What one experiment recorded: metrics lines deduplicated by (node, round), events, and its I/J/G."""
+
+    label: str
+    source: str
+    experiment_dir: Path
+    num_train_samples: int | None = None
+    num_transplant_trees: int | None = None
+    num_generations: int | None = None
+    max_rounds: int | None = None
+    metrics: dict[str, dict[int, dict]] = field(default_factory=dict)  # node -> round -> line
+    events: dict[str, list[dict]] = field(default_factory=dict)  # node -> events in file order
+    skipped_lines: int = 0
+    duplicate_lines: int = 0
+    notes: list[str] = field(default_factory=list)  # become the report's warnings
+
+    @property
+    def nodes(self) -> list[str]:
+        return sorted(self.metrics)
+
+    @property
+    def rounds(self) -> list[int]:
+        """Rounds recorded by at least one worker, sorted."""
+        return sorted({r for per_node in self.metrics.values() for r in per_node})
+
+    def rewards(self) -> dict[int, dict[str, float]]:
+        """round -> node -> reward_local (lines without a finite reward are left out)."""
+        out: dict[int, dict[str, float]] = {}
+        for node, per_node in self.metrics.items():
+            for r, line in per_node.items():
+                value = finite_number(line.get("reward_local"))
+                if value is not None:
+                    out.setdefault(r, {})[node] = value
+        return dict(sorted(out.items()))
+
+    def restarts(self) -> list[dict]:
+        """One ``{"node", "event", "timestamp", "round"}`` per restart (a ``resumed`` event, or a ``started``
+        event after the node's first); ``round`` is the first round the node recorded after it (by
+        timestamp; else the resumed checkpoint's round + 1; None when neither is known)."""
+        out = []
+        for node, events in sorted(self.events.items()):
+            starts = 0
+            for ev in events:
+                name = ev.get("event")
+                if name == "started":
+                    starts += 1
+                if not (name == "resumed" or (name == "started" and starts > 1)):
+                    continue
+                ts = finite_number(ev.get("timestamp"))
+                after = [r for r, line in self.metrics.get(node, {}).items()
+                         if ts is not None and (finite_number(line.get("timestamp")) or -1.0) >= ts]
+                resumed = count_or_none(ev.get("round"))
+                first = min(after) if after else (resumed + 1 if resumed is not None else None)
+                out.append({"node": node, "event": name, "timestamp": ts, "round": first})
+        return out
+
+    def finished(self) -> bool:
+        """Every worker with metrics has a ``finished`` event."""
+        return bool(self.metrics) and all(
+            any(ev.get("event") == "finished" for ev in self.events.get(node, ())) for node in self.metrics)
+
+    def skip(self, path: Path, reason: str) -> None:
+        """Note a file (or directory) left out, by its path inside the experiment."""
+        try:
+            where = path.relative_to(self.experiment_dir).as_posix()
+        except ValueError:
+            where = str(path)
+        if not where.isprintable():  # a hostile name must not break the one-line note
+            where = ascii(where)
+        self.notes.append(f"{self.label}: skipped {where}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The config snapshot (state/config.json)
+# --------------------------------------------------------------------------------------------------
+
+
+def read_snapshot(experiment_dir: Path) -> tuple[dict, dict, str | None]:
+    """(sapo section, experiment section, why it was refused) of ``state/config.json``, read through
+    :func:`node.fsio.read_capped` and strict JSON. A missing file gives ``({}, {}, None)``, a refused one
+    ``({}, {}, reason)``."""
+    try:
+        raw, _ = read_capped(experiment_dir / "state" / "config.json", CONFIG_SNAPSHOT_MAX_BYTES)
+        obj = parse_json_bytes(raw)
+    except FileNotFoundError:
+        return {}, {}, None
+    except BadFile as err:
+        return {}, {}, err.reason
+    except OSError as err:
+        return {}, {}, err.strerror or type(err).__name__
+    except ValueError as err:
+        return {}, {}, str(err)
+    config = obj.get("config") if isinstance(obj, dict) else None
+    if not isinstance(config, dict):
+        return {}, {}, "not a config snapshot (no 'config' object)"
+    sapo, exp = config.get("sapo"), config.get("experiment")
+    return (sapo if isinstance(sapo, dict) else {}), (exp if isinstance(exp, dict) else {}), None
+
+
+def _snapshot_counts(data: ExperimentData, sapo: dict, exp: dict) -> None:
+    """I/J/G and max_rounds from a snapshot; a value present but not a count is a note, shown as ``?``."""
+    fields = [("sapo", k, sapo.get(k)) for k in SNAPSHOT_COUNTS] + [("experiment", "max_rounds", exp.get("max_rounds"))]
+    for section, key, value in fields:
+        counted = count_or_none(value)
+        setattr(data, key, counted)
+        if value is not None and counted is None:
+            data.notes.append(f"{data.label}: state/config.json: {section}.{key} is not an integer in "
+                              f"[0, 2**63 - 1] ({_shown(value)}); ignored")
+
+
+def _shown(value: Any) -> str:
+    """A short rendering of an untrusted value for a one-line note."""
+    if type(value) is int and abs(value) >= 10 ** 30:
+        return f"a {len(str(abs(value)))}-digit integer"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _from_directory(path: Path, source: str) -> ExperimentData:
+    sapo, exp, problem = read_snapshot(path)
+    if not sapo and not (path / "logs").is_dir():
+        why = f"state/config.json refused: {problem};" if problem else "no state/config.json"
+        raise ReportError(f"{path}: not an experiment directory ({why} and no logs/)")
+    name = exp.get("name")
+    label = name if isinstance(name, str) and plain_name_problem(name) is None else path.name
+    data = ExperimentData(label=label, source=source, experiment_dir=path)
+    if problem:
+        data.skip(path / "state" / "config.json", problem)
+    _snapshot_counts(data, sapo, exp)
+    return data
+
+
+def _from_config(path: Path, source: str, overrides: Sequence[str]) -> ExperimentData:
+    try:
+        config = resolve_config(path, overrides=overrides)
+    except ConfigError as err:
+        raise ReportError(f"{path}: {err}") from None
+    data = ExperimentData(
+        label=config.experiment.name, source=source, experiment_dir=config.experiment_dir,
+        num_train_samples=config.sapo.num_train_samples, num_transplant_trees=config.sapo.num_transplant_trees,
+        num_generations=config.sapo.num_generations, max_rounds=config.experiment.max_rounds,
+    )
+    recorded, _, problem = read_snapshot(config.experiment_dir)
+    if problem:
+        data.skip(config.experiment_dir / "state" / "config.json", problem)
+    for key in SNAPSHOT_COUNTS:
+        if key in recorded and recorded[key] != getattr(config.sapo, key):
+            data.notes.append(f"{data.label}: sapo.{key} is {getattr(config.sapo, key)} in {path} but "
+                              f"{_shown(recorded[key])} in the experiment's state/config.json; the table uses "
+                              "the config")
+    return data
+
+
+def resolve_source(source: str | Path, overrides: Sequence[str] = ()) -> ExperimentData:
+    """An empty :class:`ExperimentData` for a config file or an experiment directory (ReportError if neither)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_directory(path, str(source))
+    if not path.is_file():
+        raise ReportError(f"{path}: no such config file or experiment directory")
+    return _from_config(path, str(source), overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# The workers' logs
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_rows(data: ExperimentData, path: Path) -> list[dict]:
+    """The JSON-object lines of ``path`` (:func:`node.fsio.read_jsonl`); bad lines are counted as skipped,
+    a refused or unreadable file is noted and gives none."""
+    try:
+        rows, bad = read_jsonl(path)
+    except BadFile as err:
+        data.skip(path, err.reason)
+        return []
+    except OSError as err:
+        data.skip(path, err.strerror or type(err).__name__)
+        return []
+    data.skipped_lines += bad
+    return rows
+
+
+def _load_node(data: ExperimentData, node_dir: Path) -> None:
+    node = node_dir.name
+    per_node: dict[int, dict] = {}
+    for line in _read_rows(data, node_dir / "metrics.jsonl"):
+        try:
+            validate_metrics_line(line, expect_node=node)
+        except ValueError:  # another node's line, no round, a round beyond 2**63 - 1, too deep...
+            data.skipped_lines += 1
+            continue
+        if line["round"] in per_node:
+            data.duplicate_lines += 1
+            continue
+        per_node[line["round"]] = line
+    if per_node:
+        data.metrics[node] = per_node
+    events = [e for e in _read_rows(data, node_dir / "training_events.jsonl")
+              if e.get("node_id") == node and isinstance(e.get("event"), str)]
+    if events:
+        data.events[node] = events
+
+
+def _node_dirs(data: ExperimentData) -> list[Path]:
+    """The directories under ``logs/``, sorted; a symlink among them is noted and left out."""
+    logs = data.experiment_dir / "logs"
+    try:
+        entries = sorted(logs.iterdir()) if logs.is_dir() else []
+    except OSError as err:
+        data.skip(logs, err.strerror or type(err).__name__)
+        return []
+    for p in entries:
+        if p.is_symlink():
+            data.skip(p, "is a symlink")
+    return [p for p in entries if not p.is_symlink() and p.is_dir()]
+
+
+def load_experiment(source: str | Path, overrides: Sequence[str] = ()) -> ExperimentData:
+    """Read everything the report needs from one experiment (config path or directory)."""
+    data = resolve_source(source, overrides)
+    for node_dir in _node_dirs(data):
+        _load_node(data, node_dir)
+    return data

@@ -1,0 +1,214 @@
+"""The figures of ``swarm report`` (PNG, matplotlib's object API with the Agg backend: no pyplot state,
+no display needed; matplotlib is imported only when a figure is drawn).
+
+Comparing the experiments, in the output directory: ``reward_moving_average.png`` (band: min/max over
+workers of each worker's own moving average) and ``cumulative_reward.png``. Per experiment, in
+``<name>/``: ``reward_per_node.png`` (restarts marked), ``groups.png`` (local vs external groups used per
+round), ``round_time.png`` (stacked phase timings), ``gpu_memory.png`` (when the metrics carry
+``gpu_peak_bytes``; restarts marked). Definitions of the numbers: :mod:`supervisor.report_table`. This
+module never imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from supervisor.report_data import ExperimentData, finite_number
+from supervisor.report_table import moving_window, per_round_mean, trailing_mean
+
+TIMING_KEYS = ("sample_s", "generate_s", "score_s", "publish_s", "wait_s", "fetch_s", "select_s", "train_s")
+
+
+def _figure(width: float = 8.0, height: float = 4.5):
+    from matplotlib.figure import Figure  # the OO API: no pyplot state, no display, Agg for PNG
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _finish_by_round(fig, ax, path: Path, *, outside: bool, **labels) -> Path:
+    """Rounds (integers) on the x axis, ``ax.set(**labels)``, the legend (beside the axes when ``outside``),
+    and save to ``path``."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set(xlabel="round", **labels)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if outside:
+        fig.legend(fontsize="small", loc="outside right upper")
+    else:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _mark_restarts(ax, restarts: list[dict], colors: Mapping[str, Any],
+                   x_of: Callable[[dict], float | None]) -> None:
+    """A dashed line per restart, in its node's colour, at ``x_of(restart)`` (None: not drawn)."""
+    labelled = False
+    for rs in restarts:
+        x = x_of(rs)
+        if x is None:
+            continue
+        ax.axvline(x, color=colors.get(rs["node"], "k"), linestyle="--", linewidth=1,
+                   label=None if labelled else "restart")
+        labelled = True
+
+
+def plot_reward_per_node(data: ExperimentData, path: Path) -> Path:
+    fig, ax = _figure()
+    rewards = data.rewards()
+    colors = {}
+    for node in data.nodes:
+        xs = [r for r in rewards if node in rewards[r]]
+        (line,) = ax.plot(xs, [rewards[r][node] for r in xs], linewidth=0.8, alpha=0.7, label=node)
+        colors[node] = line.get_color()
+    means = per_round_mean(rewards)
+    ax.plot(list(means), list(means.values()), color="black", linewidth=1.5, label="mean over workers")
+    _mark_restarts(ax, data.restarts(), colors, lambda rs: rs["round"])
+    return _finish_by_round(fig, ax, path, outside=True, ylabel="reward (local completions)",
+                            title=f"{data.label}: reward per node")
+
+
+def plot_groups(data: ExperimentData, path: Path) -> Path:
+    fig, ax = _figure(8.0, 3.5)
+    local: dict[int, list[float]] = {}
+    external: dict[int, list[float]] = {}
+    for per_node in data.metrics.values():
+        for r, line in per_node.items():
+            loc, ext = finite_number(line.get("num_local_groups")), finite_number(line.get("num_external_groups"))
+            if loc is not None:
+                local.setdefault(r, []).append(loc)
+            if ext is not None:
+                external.setdefault(r, []).append(ext)
+    rounds = sorted(set(local) | set(external))
+    loc_mean = [sum(local.get(r, [0.0])) / max(1, len(local.get(r, []))) for r in rounds]
+    ext_mean = [sum(external.get(r, [0.0])) / max(1, len(external.get(r, []))) for r in rounds]
+    if rounds:
+        ax.stackplot(rounds, loc_mean, ext_mean, labels=["local groups", "external groups"], alpha=0.8)
+    if data.num_train_samples is not None and data.num_transplant_trees is not None:
+        ax.axhline(data.num_train_samples + data.num_transplant_trees, color="k", linestyle=":", linewidth=1,
+                   label=f"I + J = {data.num_train_samples + data.num_transplant_trees}")
+    return _finish_by_round(fig, ax, path, outside=True, ylabel="groups trained on (mean over workers)",
+                            title=f"{data.label}: local vs external groups used")
+
+
+def plot_round_time(data: ExperimentData, path: Path) -> Path:
+    fig, ax = _figure(8.0, 4.0)
+    sums: dict[int, dict[str, float]] = {}
+    counts: dict[int, int] = {}
+    for per_node in data.metrics.values():
+        for r, line in per_node.items():
+            t = line.get("timings")
+            if not isinstance(t, dict):
+                continue
+            parts = {k: max(0.0, finite_number(t.get(k)) or 0.0) for k in TIMING_KEYS}
+            total = finite_number(t.get("round_s"))
+            parts["other_s"] = max(0.0, (total if total is not None else sum(parts.values())) - sum(parts.values()))
+            acc = sums.setdefault(r, dict.fromkeys(parts, 0.0))
+            for k, v in parts.items():
+                acc[k] += v
+            counts[r] = counts.get(r, 0) + 1
+    rounds = sorted(sums)
+    keys = (*TIMING_KEYS, "other_s")
+    if rounds:
+        series = [[sums[r][k] / counts[r] for r in rounds] for k in keys]
+        ax.stackplot(rounds, *series, labels=[k[:-2] for k in keys])
+    return _finish_by_round(fig, ax, path, outside=True, ylabel="seconds (mean over workers)",
+                            title=f"{data.label}: round time by phase")
+
+
+def plot_gpu_memory(data: ExperimentData, path: Path) -> Path | None:
+    points = {}
+    for node, per_node in sorted(data.metrics.items()):
+        pairs = ((finite_number(line.get("timestamp")), finite_number(line.get("gpu_peak_bytes")))
+                 for line in per_node.values())
+        pts = sorted((t, b) for t, b in pairs if t is not None and b is not None)
+        if pts:
+            points[node] = pts
+    if not points:
+        return None
+    t0 = min(p[0][0] for p in points.values())
+    fig, ax = _figure(8.0, 4.0)
+    colors = {}
+    for node, pts in points.items():
+        (line,) = ax.plot([(t - t0) / 60 for t, _ in pts], [b / 2**30 for _, b in pts], linewidth=1, label=node)
+        colors[node] = line.get_color()
+    _mark_restarts(ax, data.restarts(), colors,
+                   lambda rs: None if rs["timestamp"] is None else (rs["timestamp"] - t0) / 60)
+    ax.set(xlabel="minutes since the first recorded round", ylabel="peak GPU memory per round (GiB, torch)",
+           title=f"{data.label}: GPU memory")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_moving_average(experiments: Sequence[ExperimentData], path: Path) -> Path:
+    fig, ax = _figure()
+    windows = set()
+    for data in experiments:
+        rewards = data.rewards()
+        means = per_round_mean(rewards)
+        rounds = sorted(means)
+        if not rounds:
+            continue
+        window = moving_window(len(rounds))
+        windows.add(window)
+        (line,) = ax.plot(rounds, trailing_mean(rounds, [means[r] for r in rounds], window), linewidth=1.5,
+                          label=_legend_label(data))
+        ax.fill_between(rounds, *_worker_band(rewards, rounds, window), color=line.get_color(), alpha=0.2,
+                        linewidth=0)
+    which = ", ".join(str(w) for w in sorted(windows)) or "-"
+    return _finish_by_round(fig, ax, path, outside=False, ylabel="reward",
+                            title=f"reward, moving average over {which} rounds (band: min/max across workers)")
+
+
+def _worker_band(rewards: Mapping[int, Mapping[str, float]], rounds: Sequence[int],
+                 window: int) -> tuple[list[float], list[float]]:
+    """(min, max) over workers of each worker's own moving average, at every round."""
+    per_node = {}
+    for node in {n for per_round in rewards.values() for n in per_round}:
+        xs = [r for r in rounds if node in rewards[r]]
+        per_node[node] = dict(zip(xs, trailing_mean(xs, [rewards[r][node] for r in xs], window)))
+    lo = [min(v[r] for v in per_node.values() if r in v) for r in rounds]
+    hi = [max(v[r] for v in per_node.values() if r in v) for r in rounds]
+    return lo, hi
+
+
+def plot_cumulative(experiments: Sequence[ExperimentData], path: Path) -> Path:
+    fig, ax = _figure(8.0, 4.0)
+    for data in experiments:
+        means = per_round_mean(data.rewards())
+        rounds = sorted(means)
+        total, ys = 0.0, []
+        for r in rounds:
+            total += means[r]
+            ys.append(total)
+        ax.plot(rounds, ys, linewidth=1.5, label=_legend_label(data))
+    return _finish_by_round(fig, ax, path, outside=False, ylabel="cumulative reward (sum of per-round means)",
+                            title="cumulative reward")
+
+
+def _legend_label(data: ExperimentData) -> str:
+    if data.num_train_samples is None or data.num_transplant_trees is None:
+        return data.label
+    return f"{data.label} (I={data.num_train_samples}, J={data.num_transplant_trees})"
+
+
+def experiment_plots(data: ExperimentData, directory: Path) -> list[Path]:
+    """The per-experiment figures, written under ``directory``."""
+    drawn = [plot_reward_per_node(data, directory / "reward_per_node.png"),
+             plot_groups(data, directory / "groups.png"),
+             plot_round_time(data, directory / "round_time.png"),
+             plot_gpu_memory(data, directory / "gpu_memory.png")]
+    return [p for p in drawn if p is not None]
+
+
+def comparison_plots(experiments: Sequence[ExperimentData], out_dir: Path) -> list[Path]:
+    """The figures comparing the experiments, written under ``out_dir``."""
+    return [plot_moving_average(experiments, out_dir / "reward_moving_average.png"),
+            plot_cumulative(experiments, out_dir / "cumulative_reward.png")]

@@ -1,0 +1,201 @@
+"""The numbers of ``swarm report`` and the table that shows them (``report.md``, ``report.json``).
+
+Definitions (the numbers in ``report.md`` / ``report.json``):
+
+* reward of a node in a round: its metrics line's ``reward_local``, the mean reward of the I×G
+  completions it generated that round (external groups are not counted; their rewards are ours too,
+  but they belong to the peers' questions);
+* per-round mean: the mean of that over the workers that recorded the round;
+* **cumulative reward**: the sum over rounds of the per-round mean. The SAPO paper reports cumulative
+  reward "over all nodes and rounds"; with every worker recording every round that is the column
+  ``cumulative (all nodes)`` = workers × cumulative reward, which we also give. The per-round mean makes
+  configurations with different worker counts, or a worker that missed rounds, comparable;
+* **change vs J=0**: ``100 × (C − C_base) / C_base`` where C and C_base are cumulative rewards over the
+  rounds *both* experiments recorded (so a running experiment is compared fairly), and the baseline is
+  the first given experiment with ``num_transplant_trees == 0``; no such experiment → no change column;
+* moving average: trailing, over ``window`` rounds (fewer at the start), ``window`` = 100 as in the
+  paper, or ``ceil(rounds / 10)`` when an experiment has fewer than 1000 rounds (10 for 100 rounds) so
+  the curve is not flat; the band is the min/max over workers of each worker's own moving average;
+* restarts: ``resumed`` events, and every ``started`` event of a node after its first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from supervisor.report_data import ExperimentData
+
+REPORT_SCHEMA_VERSION = 1
+PAPER_WINDOW = 100
+DEFINITION = ("cumulative reward = sum over rounds of the mean, over the workers that recorded the round, of "
+              "each worker's mean local reward (reward_local); cumulative (all nodes) = sum over rounds and "
+              "workers, as the SAPO paper reports it; change vs J=0 compares cumulative rewards over the rounds "
+              "both experiments recorded")
+
+
+def moving_window(rounds: int) -> int:
+    """The moving-average window for an experiment of ``rounds`` rounds (see the module docstring)."""
+    if rounds >= 10 * PAPER_WINDOW:
+        return PAPER_WINDOW
+    return max(1, math.ceil(rounds / 10))
+
+
+def trailing_mean(xs: Sequence[int], ys: Sequence[float], window: int) -> list[float]:
+    """At each x, the mean of the ys whose x lies in ``(x - window, x]`` (xs sorted ascending)."""
+    out, start, total = [], 0, 0.0
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        total += y
+        while xs[start] <= x - window:
+            total -= ys[start]
+            start += 1
+        out.append(total / (i - start + 1))
+    return out
+
+
+def per_round_mean(rewards: Mapping[int, Mapping[str, float]]) -> dict[int, float]:
+    """round -> mean reward over the workers that recorded it."""
+    return {r: sum(v.values()) / len(v) for r, v in rewards.items() if v}
+
+
+@dataclass(frozen=True)
+class ExperimentSummary:
+    """One row of the table."""
+
+    label: str
+    source: str
+    experiment_dir: str
+    num_train_samples: int | None
+    num_transplant_trees: int | None
+    num_generations: int | None
+    workers: int
+    rounds: int
+    last_round: int | None
+    max_rounds: int | None
+    finished: bool
+    cumulative_reward: float
+    cumulative_reward_all_nodes: float
+    mean_reward: float
+    final_reward: float | None
+    window: int
+    change_vs_baseline_pct: float | None
+    compared_rounds: int | None
+    restarts: int
+    skipped_lines: int
+    duplicate_lines: int
+    plots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`build_report` wrote and computed."""
+
+    out_dir: Path
+    experiments: tuple[ExperimentSummary, ...]
+    baseline: str | None
+    markdown: Path
+    json: Path
+    plots: tuple[Path, ...]
+    warnings: tuple[str, ...] = ()
+
+
+def summarise(data: ExperimentData, base: ExperimentData | None) -> dict:
+    """The fields of ``data``'s :class:`ExperimentSummary` but ``plots``; the change column against ``base``
+    (None: no baseline, no change)."""
+    rewards = data.rewards()
+    means = per_round_mean(rewards)
+    rounds = sorted(means)
+    window = moving_window(len(rounds))
+    cumulative = sum(means.values())
+    last = [means[r] for r in rounds[-window:]]
+    change, compared = change_vs_baseline(data, base) if base is not None else (None, None)
+    return dict(
+        label=data.label, source=data.source, experiment_dir=str(data.experiment_dir),
+        num_train_samples=data.num_train_samples, num_transplant_trees=data.num_transplant_trees,
+        num_generations=data.num_generations, workers=len(data.metrics), rounds=len(rounds),
+        last_round=rounds[-1] if rounds else None, max_rounds=data.max_rounds, finished=data.finished(),
+        cumulative_reward=cumulative, cumulative_reward_all_nodes=sum(sum(v.values()) for v in rewards.values()),
+        mean_reward=cumulative / len(rounds) if rounds else 0.0,
+        final_reward=sum(last) / len(last) if last else None, window=window,
+        change_vs_baseline_pct=change, compared_rounds=compared, restarts=len(data.restarts()),
+        skipped_lines=data.skipped_lines, duplicate_lines=data.duplicate_lines,
+    )
+
+
+def change_vs_baseline(data: ExperimentData, base: ExperimentData) -> tuple[float | None, int]:
+    """(% change of cumulative reward vs ``base`` over the rounds both recorded, number of such rounds)."""
+    mine, theirs = per_round_mean(data.rewards()), per_round_mean(base.rewards())
+    common = sorted(set(mine) & set(theirs))
+    c, c_base = sum(mine[r] for r in common), sum(theirs[r] for r in common)
+    if not common or c_base == 0:
+        return None, len(common)
+    return 100.0 * (c - c_base) / abs(c_base), len(common)
+
+
+def report_json(report: Report) -> dict:
+    """``report.json``: the table's rows, the plots and the warnings."""
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "generated_at": time.time(),
+        "definition": DEFINITION,
+        "baseline": report.baseline,
+        "experiments": [asdict(s) | {"plots": list(s.plots)} for s in report.experiments],
+        "plots": [p.relative_to(report.out_dir).as_posix() for p in report.plots],
+        "warnings": list(report.warnings),
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _known(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def _change_cell(s: ExperimentSummary, report: Report, base_rounds: int | None) -> str:
+    if s.label == report.baseline:
+        return "baseline"
+    # Say so when the comparison did not cover every round of both experiments.
+    partial = s.compared_rounds is not None and not (s.compared_rounds == s.rounds == base_rounds)
+    note = f" over {s.compared_rounds} rounds" if partial else ""
+    change = s.change_vs_baseline_pct
+    return ("–" if change is None else f"{change:+.1f} %") + note
+
+
+def _table(report: Report) -> list[str]:
+    """The markdown table, one row per experiment; the change column only when there is a baseline."""
+    with_change = report.baseline is not None
+    head = ["experiment", "I", "J", "G", "workers", "rounds", "cumulative reward", "cumulative (all nodes)",
+            "mean / round", "final (last W)"] + (["change vs J=0"] if with_change else []) + ["restarts"]
+    base_rounds = next((s.rounds for s in report.experiments if s.label == report.baseline), None)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in report.experiments:
+        status = "" if s.finished else " (running or stopped)"
+        cells = [f"{s.label}{status}", _known(s.num_train_samples), _known(s.num_transplant_trees),
+                 _known(s.num_generations), str(s.workers), str(s.rounds), _fmt(s.cumulative_reward),
+                 _fmt(s.cumulative_reward_all_nodes), _fmt(s.mean_reward, 3),
+                 f"{_fmt(s.final_reward, 3)} (W={s.window})"]
+        if with_change:
+            cells.append(_change_cell(s, report, base_rounds))
+        cells.append(str(s.restarts))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(report: Report) -> str:
+    """``report.md``: the table, the definitions, the warnings, the plots."""
+    lines = ["# SAPO report", "", *_table(report), "", "Definitions: " + DEFINITION + ". Final (last W) is the "
+             "mean of the per-round means over the last W rounds, W being the moving-average window.", ""]
+    if report.baseline is None:
+        lines += ["No experiment with J=0 (num_transplant_trees: 0) was given, so there is no change column.", ""]
+    if report.warnings:
+        lines += ["Warnings:", ""] + [f"- {w}" for w in report.warnings] + [""]
+    lines += ["## Plots", ""]
+    for p in report.plots:
+        rel = p.relative_to(report.out_dir).as_posix()
+        lines.append(f"![{rel}]({rel})")
+    return "\n".join(lines) + "\n"
