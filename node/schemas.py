@@ -227,7 +227,7 @@ class HeartbeatRecord(FileFormat):
     progress: Count
     progress_at: Float
     phase: Annotated[Line, Field(max_length=64)]
-    round: Count
+    round: Annotated[Int, Field(ge=-1, le=2**63 - 1)]  # -1 before the node's first round
     status: Annotated[Line, Field(max_length=32)]  # starting | running | finished | stopping
 
 

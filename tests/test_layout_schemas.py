@@ -303,7 +303,7 @@ def test_messages_name_the_field_and_the_rule():
 
 @pytest.mark.parametrize("change", [
     {"pid": "12"}, {"pid": True}, {"heartbeat_at": float("nan")}, {"progress": -1}, {"node_id": "../x"},
-    {"phase": "a\nb"}, {"status": "x" * 100},
+    {"phase": "a\nb"}, {"status": "x" * 100}, {"round": -2},
 ])
 def test_a_hostile_heartbeat_reads_as_none(tmp_path, change):
     import json
@@ -315,5 +315,10 @@ def test_a_hostile_heartbeat_reads_as_none(tmp_path, change):
     path = heartbeat_path(tmp_path, "worker_1")
     path.write_text(json.dumps(good.to_json()))
     assert read_heartbeat(path) == good
+    from node.heartbeat import Heartbeat
+
+    fresh = Heartbeat(tmp_path, "worker_2", "worker", 1.0)  # before its first round: round -1
+    fresh.write()
+    assert read_heartbeat(fresh.path).round == -1
     path.write_text(json.dumps({**good.to_json(), **change}, allow_nan=True))
     assert read_heartbeat(path) is None
