@@ -11,6 +11,8 @@ SIGTERM/SIGINT: finish nothing more, checkpoint the last completed round, exit 1
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import random
 import time
@@ -154,83 +156,23 @@ class Worker:
     # --- one round ----------------------------------------------------------------------------------
     def run_round(self, round_: int) -> dict:
         """Train one round; returns its metrics line."""
-        cfg, learner = self.config, self.learner
-        seed = cfg.experiment.seed
         bind(round=round_)
         self.peer.update(round_=round_, status="running", force=True)
-        timings = {}
+        timings: dict[str, float] = {}
         t_round = time.perf_counter()
-
-        self.heartbeat.progress("generate", round_=round_, status="running")
-        t = time.perf_counter()
-        questions = learner.sample_questions(self.node_id, round_)
-        timings["sample_s"] = time.perf_counter() - t
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        local, gen = learner.generate(questions, seed=derived_seed(seed, self.node_id, round_, "sample"),
-                                      source=self.node_id)
-        timings["generate_s"], timings["score_s"] = gen.generate_s, gen.score_s
+        local, gen = self._local_groups(round_, timings)
         self.stop.check()
-
-        self.heartbeat.progress("publish", round_=round_)
-        t = time.perf_counter()
-        published = self.publisher.publish(local, round_)
-        timings["publish_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        self.wait_for_peers(round_)
-        timings["wait_s"] = time.perf_counter() - t
-
-        self.heartbeat.progress("fetch", round_=round_)
-        t = time.perf_counter()
-        shared, rejected = ([], 0)
-        if cfg.sapo.num_transplant_trees > 0:
-            shared, rejected = fetch_shared_groups(self.store, self.layout, round_, self.node_id,
-                                                   cfg.exchange.fetch_max_peers)
-        timings["fetch_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        rng = random.Random(derived_seed(seed, self.node_id, round_, "external"))
-        selection = learner.select_external(shared, self.node_id, rng)
-        timings["select_s"] = time.perf_counter() - t
-        for peer_id, batch_id, reason in selection.suspicious:  # a peer lied: one warning per group
-            log.warning("peer_group_rejected" if reason != "reward_disagreement" else "peer_reward_disagreement",
-                        peer=peer_id, batch_id=batch_id, reason=reason,
-                        used=reason == "reward_disagreement")
+        selection, rejected, published = self._external_groups(round_, local, timings)
         self.stop.check()
-
         self.heartbeat.progress("train", round_=round_)
-        stats = learner.train(local + selection.groups)
+        stats = self.learner.train(local + selection.groups)
         timings["train_s"] = stats.seconds
         timings["round_s"] = time.perf_counter() - t_round
-
         result = RoundResult(node_id=self.node_id, round=round_, stage=STAGE, mean_reward=mean_reward(local),
                              num_local_groups=len(local), num_external_groups=len(selection.groups),
                              submitted_at=time.time())
         self.store.publish(self.layout.reward_file(round_, STAGE, self.node_id), result.to_json())
-        metrics = {
-            "reward_local": mean_reward(local),
-            "reward_external": mean_reward(selection.groups) if selection.groups else None,
-            "num_local_groups": len(local),
-            "num_external_groups": len(selection.groups),
-            "external_candidates": selection.candidates,
-            "external_dropped": dict(selection.dropped),
-            "peer_reward_disagreements": selection.reward_disagreements,
-            "peer_files_rejected": rejected,
-            "published": published,
-            "loss": stats.loss, "pg_loss": stats.pg_loss, "kl": stats.kl, "clip_fraction": stats.clip_fraction,
-            "grad_norm": stats.grad_norm, "optimizer_steps": stats.optimizer_steps, "skipped_step": stats.skipped,
-            "micro_batch_size": stats.micro_batch_size, "micro_batch_tokens": stats.micro_batch_tokens,
-            "generate_calls": gen.calls, "oom_halvings": gen.oom_halvings + stats.oom_halvings,
-            "tokens_generated": gen.generated_tokens, "tokens_prompt": gen.prompt_tokens,
-            "tokens_trained": stats.completion_tokens,
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-        }
-        if torch.cuda.is_available():
-            metrics["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated())
-            metrics["gpu_reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved())
-            # The allocator freed its cache and retried (a synchronising cudaFree): a worker running at its
-            # memory cap pays this every round. Cumulative since start; a rising count means too little room.
-            metrics["gpu_alloc_retries"] = int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+        metrics = metrics_line(local, selection, rejected, published, gen, stats, timings)
         self.records.metrics(round_, metrics)
         if metrics["oom_halvings"]:
             log.warning("out_of_memory_recovered", halvings=metrics["oom_halvings"], generate_calls=gen.calls,
@@ -238,6 +180,41 @@ class Worker:
         log.info("round_done", reward_local=round(metrics["reward_local"], 4),
                  external=len(selection.groups), seconds=round(timings["round_s"], 3))
         return metrics
+
+    def _local_groups(self, round_: int, timings: dict):
+        """This round's I questions, G completions each, scored: (groups, GenerateStats)."""
+        self.heartbeat.progress("generate", round_=round_, status="running")
+        with phase(timings, "sample_s"):
+            questions = self.learner.sample_questions(self.node_id, round_)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        seed = derived_seed(self.config.experiment.seed, self.node_id, round_, "sample")
+        local, gen = self.learner.generate(questions, seed=seed, source=self.node_id)
+        timings["generate_s"], timings["score_s"] = gen.generate_s, gen.score_s
+        return local, gen
+
+    def _external_groups(self, round_: int, local, timings: dict):
+        """Publish ours, wait (bounded) for the peers', take J of theirs: (selection, files rejected, published)."""
+        cfg = self.config
+        self.heartbeat.progress("publish", round_=round_)
+        with phase(timings, "publish_s"):
+            published = self.publisher.publish(local, round_)
+        with phase(timings, "wait_s"):
+            self.wait_for_peers(round_)
+        self.heartbeat.progress("fetch", round_=round_)
+        shared, rejected = ([], 0)
+        with phase(timings, "fetch_s"):
+            if cfg.sapo.num_transplant_trees > 0:
+                shared, rejected = fetch_shared_groups(self.store, self.layout, round_, self.node_id,
+                                                       cfg.exchange.fetch_max_peers)
+        with phase(timings, "select_s"):
+            rng = random.Random(derived_seed(cfg.experiment.seed, self.node_id, round_, "external"))
+            selection = self.learner.select_external(shared, self.node_id, rng)
+        for peer_id, batch_id, reason in selection.suspicious:  # a peer lied: one warning per group
+            log.warning("peer_group_rejected" if reason != "reward_disagreement" else "peer_reward_disagreement",
+                        peer=peer_id, batch_id=batch_id, reason=reason,
+                        used=reason == "reward_disagreement")
+        return selection, rejected, published
 
     def wait_for_peers(self, round_: int) -> None:
         """Wait, bounded, until every live peer published round ``round_`` (or the round moved on)."""
@@ -257,3 +234,42 @@ class Worker:
             self.peer.update(round_=round_, status="running")
             self.stop.sleep(min(0.25, cfg.coordinator.poll_interval_s))
         log.info("peer_wait_timed_out", round=round_)
+
+
+@contextlib.contextmanager
+def phase(timings: dict, name: str):
+    """Time the block into ``timings[name]`` (seconds)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - t
+
+
+def metrics_line(local, selection, rejected: int, published, gen, stats, timings: dict) -> dict:
+    """One round's metrics line (logs/<node>/metrics.jsonl): rewards, exchange counts, the step, timings."""
+    metrics = {
+        "reward_local": mean_reward(local),
+        "reward_external": mean_reward(selection.groups) if selection.groups else None,
+        "num_local_groups": len(local),
+        "num_external_groups": len(selection.groups),
+        "external_candidates": selection.candidates,
+        "external_dropped": dict(selection.dropped),
+        "peer_reward_disagreements": selection.reward_disagreements,
+        "peer_files_rejected": rejected,
+        "published": published,
+        "loss": stats.loss, "pg_loss": stats.pg_loss, "kl": stats.kl, "clip_fraction": stats.clip_fraction,
+        "grad_norm": stats.grad_norm, "optimizer_steps": stats.optimizer_steps, "skipped_step": stats.skipped,
+        "micro_batch_size": stats.micro_batch_size, "micro_batch_tokens": stats.micro_batch_tokens,
+        "generate_calls": gen.calls, "oom_halvings": gen.oom_halvings + stats.oom_halvings,
+        "tokens_generated": gen.generated_tokens, "tokens_prompt": gen.prompt_tokens,
+        "tokens_trained": stats.completion_tokens,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+    if torch.cuda.is_available():
+        metrics["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+        metrics["gpu_reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved())
+        # The allocator freed its cache and retried (a synchronising cudaFree): a worker running at its
+        # memory cap pays this every round. Cumulative since start; a rising count means too little room.
+        metrics["gpu_alloc_retries"] = int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+    return metrics

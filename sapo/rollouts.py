@@ -173,12 +173,16 @@ def sample_completions(
             **extra,
         )  # (B, Lp + Tn)
     model.train(was_training)
-    new_tokens = out[:, input_ids.shape[1]:].tolist()  # (B, Tn)
+    return _groups_of(tokenizer, out[:, input_ids.shape[1]:].tolist(), len(prompt_ids), num_generations)
+
+
+def _groups_of(tokenizer, new_tokens: list[list[int]], prompts: int, num_generations: int) -> list[list[Completion]]:
+    """Prompt-major generated rows (B, Tn) -> ``[prompt][g]`` completions, each cut at its first EOS."""
     groups: list[list[Completion]] = []
-    for p in range(len(prompt_ids)):
+    for p in range(prompts):
         group = []
         for g in range(num_generations):
-            ids, finished = split_completion(new_tokens[p * num_generations + g], eos_id)
+            ids, finished = split_completion(new_tokens[p * num_generations + g], tokenizer.eos_token_id)
             group.append(Completion(token_ids=ids, text=decode_completion(tokenizer, ids), finished=finished))
         groups.append(group)
     return groups

@@ -62,6 +62,15 @@ def exec_start(config_path: str | os.PathLike, overrides: Sequence[str] = (), py
     return " ".join(_escape(w) for w in words)
 
 
+def _environment_lines(env: Mapping[str, str]) -> list[str]:
+    """The shell's settings the service needs (never a secret: a comment says where tokens go instead)."""
+    lines = [_env_assignment(key, env[key]) for key in UNIT_ENV_VARS if env.get(key)]
+    if any(env.get(k) for k in SECRET_ENV_VARS):
+        lines.append("# A token is set in your shell but never written here: put it in a root-only file and add")
+        lines.append("# EnvironmentFile=/etc/sapo/secrets.env")
+    return lines
+
+
 def render_unit(
     config,
     *,
@@ -103,12 +112,7 @@ def render_unit(
         f"User={_spec(user)}",
         _env_assignment("PYTHONUNBUFFERED", "1"),
     ]
-    for key in UNIT_ENV_VARS:
-        if env.get(key):
-            lines.append(_env_assignment(key, env[key]))
-    if any(env.get(k) for k in SECRET_ENV_VARS):
-        lines.append("# A token is set in your shell but never written here: put it in a root-only file and add")
-        lines.append("# EnvironmentFile=/etc/sapo/secrets.env")
+    lines += _environment_lines(env)
     lines += [
         "Restart=on-failure",
         f"RestartSec={RESTART_SEC}",
