@@ -19,7 +19,7 @@ from fake_node import FAKE_NODE, alive, config_yaml, kill_descendants, set_subre
 from node.config import resolve_config
 from node.layout import ExperimentLayout
 from node.schemas import ConfigSnapshot, PeerRecord, Rollout, RolloutFile, RoundResult, RoundState, TaskRef
-from supervisor import cli
+from supervisor import cli, logview
 from supervisor.runfiles import RuntimePaths
 from supervisor.status import read_status
 
@@ -193,7 +193,7 @@ def test_follow_emits_new_lines_as_they_arrive(tmp_path):
     a.write_text("old\n")
     got: list[tuple[str, str]] = []
     stop = threading.Event()
-    t = threading.Thread(target=cli.follow, args=([("a", a, False), ("b", b, False)], lambda *x: got.append(x)),
+    t = threading.Thread(target=logview.follow, args=([("a", a, False), ("b", b, False)], lambda *x: got.append(x)),
                          kwargs={"poll_s": 0.02, "should_stop": stop.is_set})
     t.start()
     try:

@@ -19,7 +19,7 @@ import pytest
 from doubles import FakeOS
 from fake_node import FAKE_NODE, alive, config_yaml, drive, kill_descendants, set_subreaper, fake_config, \
     wait_for, write_heartbeat
-from supervisor import cli
+from supervisor import cli, statusview
 from supervisor.daemon import Supervisor
 from supervisor.runfiles import AlreadyRunning, RuntimePaths
 from supervisor.status import read_status
@@ -408,7 +408,7 @@ def test_crash_at_start_backs_off_then_fatal_while_the_supervisor_stays_up(tmp_p
     node = snap["nodes"]["worker_2"]
     assert node["state"] == "FATAL" and "configuration error" in node["fatal_reason"]
     assert "RuntimeError: fake crash at start-up" in node["log_tail"]
-    text = cli.render_status(snap, running_pid=os.getpid(), runtime_dir=sup.paths.root, experiment="fake")
+    text = statusview.render_status(snap, running_pid=os.getpid(), runtime_dir=sup.paths.root, experiment="fake")
     assert "worker_2: FATAL" in text and "RuntimeError: fake crash at start-up" in text
 
 

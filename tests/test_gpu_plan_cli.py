@@ -18,7 +18,7 @@ from fake_node import FAKE_NODE, drive, fake_config, kill_descendants, set_subre
 from node import __main__ as node_main
 from node.config import resolve_config
 from sapo.config import ConfigError
-from supervisor import cli, daemon
+from supervisor import cli, daemon, statusview
 from supervisor.daemon import Supervisor
 from supervisor.launch import cpu_share, plan_launch
 from supervisor.status import read_status
@@ -260,7 +260,7 @@ def test_over_budget_is_reported_in_status_and_the_log(tmp_path):
     assert snap["nodes"]["worker_2"]["over_budget"] is False and snap["nodes"]["worker_2"]["gpu_bytes"] == 10 * GIB
     warnings = log.named("node_over_budget")
     assert len(warnings) == 1 and warnings[0]["node"] == "worker_1" and "24.00 GiB used > 20.50 GiB" in warnings[0]["detail"]
-    text = cli.render_status(snap, running_pid=os.getpid(), runtime_dir=sup.paths.root, experiment="fake")
+    text = statusview.render_status(snap, running_pid=os.getpid(), runtime_dir=sup.paths.root, experiment="fake")
     assert "OVER" in text and "over GPU memory budget: worker_1" in text
     gpu.used[w1] = 12 * GIB
     advance(sup, fos, 0.5)
@@ -284,7 +284,7 @@ def test_unknown_gpu_memory_is_shown_as_unknown_and_never_over_budget(tmp_path):
     assert n1["gpu_bytes"] is None and n1["gpu_unknown"] is True and n1["over_budget"] is False
     assert n2["gpu_bytes"] == 2 * GIB and n2["gpu_unknown"] is False
     assert snap["over_budget"] == [] and not log.named("node_within_budget")  # unknown is not "within"
-    text = cli.render_status(snap, running_pid=os.getpid(), runtime_dir=sup.paths.root, experiment="fake")
+    text = statusview.render_status(snap, running_pid=os.getpid(), runtime_dir=sup.paths.root, experiment="fake")
     row = next(line for line in text.splitlines() if line.startswith("worker_1"))
     assert " ?/20.5G " in row and "OVER" not in row and "GPU MEM ?: NVML does not report" in text
     coord_row = next(line for line in text.splitlines() if line.startswith("coordinator"))

@@ -1,0 +1,209 @@
+"""The human view of ``status.json``: a header, one row per node, then what went wrong.
+
+:func:`status_view` turns the status dict into a :class:`StatusView` (lines of styled segments and the
+table's cells, every value escaped); :func:`render_status` prints it as plain text (``swarm status`` into
+a pipe or a file, the tests) and :func:`status_renderable` as a rich table (a terminal, and the live
+display of :mod:`supervisor.live`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+
+from supervisor import procs
+from supervisor.logview import log_lines
+from supervisor.terminal import Line, Segment, escape_controls, plain, styled
+
+STALE_STATUS_S = 60.0  # a running supervisor rewrites status.json every monitor interval
+HEADER = ("NODE", "STATE", "PID", "ROUND", "PHASE", "BEAT", "RESTARTS", "REWARD", "RSS", "CPU%", "GPU MEM",
+          "LAST EXIT")
+STATE_STYLES = {"RUNNING": "green", "STARTING": "cyan", "BACKOFF": "yellow", "STOPPING": "yellow",
+                "FATAL": "bold red", "EXITED": "dim", "STOPPED": "dim"}
+GPU_UNKNOWN_NOTE = ("GPU MEM ?: NVML does not report this process's memory here (MIG, some containers, or it "
+                    "cannot list the processes); the budget is not checked")
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit in ("B", "K") else f"{n:.1f}{unit}"
+        n /= 1024
+    return "-"
+
+
+def fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@dataclass
+class StatusView:
+    """What is shown: ``head`` lines, then (when there is a status) the node table, then ``tail`` lines."""
+
+    head: list[Line] = field(default_factory=list)
+    rows: list[list[Segment]] | None = None
+    tail: list[Line] = field(default_factory=list)
+
+
+def _text(value: object, style: str = "") -> Line:
+    return [(escape_controls(value), style)]
+
+
+def _head(st: dict | None, running_pid: int | None, runtime_dir: Path, experiment: str, now: float) -> list[Line]:
+    """Who runs (or ran) and in what state; a warning when status.json is stale."""
+    if running_pid is None:
+        out = [_text(f"No supervisor is running for experiment {experiment!r} (runtime dir {runtime_dir}).", "bold")]
+        if st is None:
+            return out + [_text("No status file either: it was never launched from this machine, or with another "
+                                "$SWARM_RUNTIME_DIR / experiment.root.")]
+        age, code = now - float(st.get("updated_at") or now), st.get("exit_code")
+        return out + [_text(f"Last status, written {fmt_age(age)} ago by pid {st.get('supervisor', {}).get('pid')}: "
+                            f"{st.get('state')}" + (f", exit code {code}" if code is not None else
+                                                    " (it did not exit cleanly: killed, or the machine went down)"))]
+    sup = (st or {}).get("supervisor", {})
+    out = [_text(f"Supervisor pid {running_pid} for experiment {experiment!r}: {(st or {}).get('state', '?')}"
+                 f"  (supervisor cpu {sup.get('cpu_percent', '-')}%, rss {fmt_bytes(sup.get('rss_bytes'))})", "bold")]
+    if st is None:
+        return out + [_text("(no status file yet)")]
+    age = now - float(st.get("updated_at") or now)
+    if age > STALE_STATUS_S:
+        out.append(_text(f"WARNING: status.json was last written {fmt_age(age)} ago: the supervisor's loop may be "
+                         f"stuck (py-spy dump --pid {running_pid})", "bold yellow"))
+    return out
+
+
+def _summary(st: dict) -> list[Line]:
+    launch, gpu = st.get("launch") or {}, st.get("gpu") or {}
+    utilisation = f"; GPU utilisation {gpu.get('utilization')}%" if gpu.get("utilization") is not None else ""
+    return [_text(st.get("summary", "")), _text(f"{launch.get('describe', '')}{utilisation}", "dim")]
+
+
+def _row(name: str, n: dict) -> list[Segment]:
+    gpu_mem = "?" if n.get("gpu_unknown") else fmt_bytes(n.get("gpu_bytes"))  # unknown is never 0
+    if n.get("gpu_budget_bytes"):
+        gpu_mem += f"/{fmt_bytes(n['gpu_budget_bytes'])}"
+    if n.get("over_budget"):
+        gpu_mem += " OVER"
+    reward, state = n.get("reward"), str(n.get("state", "?"))
+    cells = [
+        (name, "bold"), (state, STATE_STYLES.get(state, "")), (str(n.get("pid") or "-"), ""),
+        ("-" if n.get("round") is None else str(n["round"]), ""), (n.get("phase") or "-", ""),
+        (fmt_age(n.get("heartbeat_age_s")), ""), (str(n.get("restarts", 0)), ""),
+        ("-" if reward is None else f"{reward:.3f}", ""), (fmt_bytes(n.get("rss_bytes")), ""),
+        ("-" if n.get("cpu_percent") is None else f"{n['cpu_percent']:.0f}", ""),
+        (gpu_mem, "bold red" if n.get("over_budget") else ""), (str(n.get("last_exit_line") or "-")[:60], "dim"),
+    ]
+    return [(escape_controls(text), style) for text, style in cells]
+
+
+def _failed(n: dict) -> bool:
+    last = n.get("last_exit") or {}
+    return n.get("state") in ("FATAL", "BACKOFF") or bool(
+        last and last.get("reason") not in (None, "stopped") and not (last.get("returncode") == 0))
+
+
+def _failure(name: str, n: dict) -> list[Line]:
+    """A failed node: its state and reason, last exit, restart countdown, last log lines."""
+    reason = f" — {n['fatal_reason']}" if n.get("fatal_reason") else ""
+    out = [[], _text(f"{name}: {n.get('state')}{reason}", "bold red")]
+    if n.get("last_exit_line"):
+        out.append(_text(f"  last exit: {n['last_exit_line']}"))
+    if n.get("backoff_left_s") is not None:
+        out.append(_text(f"  restarting in {n['backoff_left_s']:.1f} s"))
+    logs = n.get("logs") or {}
+    tail = n.get("log_tail") or []
+    if not tail and logs.get("stderr"):
+        tail = procs.tail_file(logs["stderr"], lines=5).splitlines()
+    if tail:
+        out.append(_text(f"  last log lines ({logs.get('stderr', 'stderr')}):"))
+        out.extend([("    ", ""), *part] for line in tail[-8:] for part in log_lines(str(line))[:6])
+    return out
+
+
+def _notes(st: dict, nodes: dict, recent: Iterable[str]) -> list[Line]:
+    out: list[Line] = []
+    if any(n.get("gpu_unknown") for n in nodes.values()):
+        out += [[], _text(GPU_UNKNOWN_NOTE, "dim")]
+    if st.get("over_budget"):
+        out += [[], _text("over GPU memory budget: " + ", ".join(map(str, st["over_budget"])), "bold red")]
+    if st.get("stop_reason"):
+        out.append(_text(f"stop reason: {st['stop_reason']}"))
+    recent = [log_lines(line)[0] for line in recent]
+    if recent:
+        out += [[], _text("recent events:")]
+        out.extend([("  ", ""), *_cut(line, 200)] for line in recent)
+    return out
+
+
+def _cut(line: Line, limit: int) -> Line:
+    """The first ``limit`` characters of a line of segments."""
+    out: Line = []
+    for text, style in line:
+        if limit <= 0:
+            break
+        out.append((text[:limit], style))
+        limit -= len(text)
+    return out
+
+
+def status_view(st: dict | None, *, running_pid: int | None, runtime_dir: Path, experiment: str,
+                recent: Iterable[str] = (), now: float | None = None) -> StatusView:
+    """The status dict (None: no file) as a :class:`StatusView`; ``recent``: raw log lines to list last."""
+    now = time.time() if now is None else now
+    view = StatusView(head=_head(st, running_pid, runtime_dir, experiment, now))
+    if st is None:
+        return view
+    nodes = st.get("nodes") or {}
+    view.head += _summary(st)
+    view.rows = [_row(str(name), n) for name, n in nodes.items()]
+    for name, n in nodes.items():
+        if _failed(n):
+            view.tail += _failure(name, n)
+    view.tail += _notes(st, nodes, recent)
+    return view
+
+
+def plain_view(view: StatusView) -> str:
+    lines = [plain(line) for line in view.head]
+    if view.rows is not None:
+        widths = [max([len(h), *(len(r[i][0]) for r in view.rows)]) for i, h in enumerate(HEADER)]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)).rstrip())
+        lines += ["  ".join(text.ljust(w) for (text, _), w in zip(r, widths)).rstrip() for r in view.rows]
+    return "\n".join(lines + [plain(line) for line in view.tail])
+
+
+def rich_view(view: StatusView) -> RenderableType:
+    parts: list[RenderableType] = [styled(line) for line in view.head]
+    if view.rows is not None:
+        table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, padding=(0, 1, 0, 0))
+        for h in HEADER:
+            table.add_column(h, no_wrap=True, overflow="ellipsis", max_width=60 if h == "LAST EXIT" else None)
+        for r in view.rows:
+            table.add_row(*(styled([cell]) for cell in r))
+        parts.append(table)
+    parts += [styled(line) for line in view.tail]
+    return Group(*parts)
+
+
+def render_status(st: dict | None, **kwargs) -> str:
+    """The plain-text status (see :func:`status_view` for the arguments)."""
+    return plain_view(status_view(st, **kwargs))
+
+
+def status_renderable(st: dict | None, **kwargs) -> RenderableType:
+    """The status as a rich table (see :func:`status_view` for the arguments)."""
+    return rich_view(status_view(st, **kwargs))
