@@ -133,7 +133,8 @@ def measure(pid: int, status_file: Path, seconds: float) -> dict:
         last = mtime
         time.sleep(0.1)
     c1, w1 = cpu_seconds(pid), time.monotonic()
-    return {"cpu_s": c1 - c0, "wall_s": w1 - w0, "status_writes": writes, "rss": psutil.Process(pid).memory_info().rss}
+    return {"cpu_s": c1 - c0, "wall_s": w1 - w0, "status_writes": writes, "rss": psutil.Process(pid).memory_info().rss,
+            "host_processes": len(psutil.pids())}
 
 
 def stop(sup: subprocess.Popen) -> None:
@@ -165,7 +166,7 @@ def report(args, launch_s: float, latencies: list[float], m: dict, status: dict,
         ("status.json rewrites", f"{m['status_writes'] * 60 / m['wall_s']:.0f} per minute"),
         ("round reached", f"{status.get('round')}"),
         ("supervisor RSS", f"{m['rss'] / 2**20:.1f} MiB"),
-        ("machine", f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, {len(psutil.pids())} processes; "
+        ("machine", f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, {m['host_processes']} processes; "
                     f"supervisor exit code after SIGTERM: {rc}"),
     ]
     width = max(len(k) for k, _ in rows)

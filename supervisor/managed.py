@@ -91,7 +91,8 @@ def exit_info(node: ManagedNode, rc: int, tail: str) -> ExitInfo:
         return procs.classify_exit(rc, requested_stop=True, pid=pid)
     if rc == EXIT_CONFIG_ERROR:
         last = _last_line(tail)
-        return ExitInfo(pid, rc, None, "config_error", "configuration error (exit code 2)" + (f": {last}" if last else ""))
+        detail = "configuration error (exit code 2)" + (f": {last}" if last else "")
+        return ExitInfo(pid, rc, None, "config_error", detail)
     return procs.classify_exit(rc, requested_stop=False, log_tail=tail, pid=pid)
 
 
