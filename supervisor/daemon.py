@@ -37,6 +37,7 @@ import structlog
 
 from node.heartbeat import default_runtime_dir
 from node.layout import ExperimentLayout
+from node.logs import rotate_if_large
 from supervisor import loop, procs, status
 from supervisor.gpu import GpuInfo
 from supervisor.hooks import EventHooks
@@ -294,6 +295,8 @@ class Supervisor:
             pass
         except OSError as exc:
             self.log.warning("stale_heartbeat_not_removed", node=node.name, error=str(exc))
+        for captured in (out, err):  # the node's own JSON log rotates itself; these the node only appends to
+            rotate_if_large(captured)
         node.stdout_offset, node.stderr_offset = procs.file_size(out), procs.file_size(err)
         wall = self.os.now()
         try:

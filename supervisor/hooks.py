@@ -13,6 +13,7 @@ import subprocess
 import time
 from typing import Any, Mapping
 
+from node.logs import rotate_if_large
 from supervisor.runfiles import RuntimePaths
 from supervisor.sdnotify import child_env
 
@@ -45,6 +46,7 @@ class EventHooks:
                    SWARM_RUNTIME_DIR=str(self.paths.root))
         try:
             self.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+            rotate_if_large(self.paths.events_log)
             with open(self.paths.events_log, "ab") as out:
                 proc = subprocess.Popen(["/bin/sh", "-c", self.command], env=env, cwd=self.cwd,
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

@@ -402,3 +402,17 @@ def test_config_schema_describes_the_yaml_file_and_validates_a_shipped_config(tm
         jsonschema.validate(yaml.safe_load(shipped.read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"sapo": {"num_generations": "eight"}}, schema)
+
+
+def test_captured_output_rotates_before_a_respawn(tmp_path):
+    """A node's stdout/stderr capture (appended by the node, not rotated by it) rotates at the size limit."""
+    from node.logs import rotate_if_large, rotated_files
+
+    path = tmp_path / "worker_1.stderr.log"
+    assert rotate_if_large(path, max_bytes=10, backups=2) is False  # nothing there yet
+    for text in ("first run ....\n", "second run ...\n", "third run ....\n"):
+        path.write_text(text)
+        assert rotate_if_large(path, max_bytes=10, backups=2) is True
+    assert [p.name for p in rotated_files(path, backups=2)] == ["worker_1.stderr.log.2", "worker_1.stderr.log.1"]
+    assert (tmp_path / "worker_1.stderr.log.1").read_text() == "third run ....\n"  # newest kept, oldest dropped
+    assert (tmp_path / "worker_1.stderr.log.2").read_text() == "second run ...\n"
