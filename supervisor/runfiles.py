@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import filelock
 import psutil
 
+from node.fsio import write_atomic
 from node.heartbeat import default_runtime_dir, heartbeat_path
 from supervisor import procs
 
@@ -89,14 +89,11 @@ class RuntimePaths:
         return heartbeat_path(self.root, node_id)
 
 
-# TODO(fsio): node/fsio.py's write_atomic becomes the project's one atomic writer; these two then call it.
 def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory, then ``os.replace``: readers never see half a file."""
+    """node.fsio's one atomic write (temp file, os.replace), not durable: a runtime file lost in a power cut
+    is rewritten at the next tick."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"), durable=False)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -5,7 +5,7 @@
 :func:`launch_complete` say where the supervisor as a whole is. :class:`StatusFile` rewrites the file at
 once when something lasting changed (a state, a pid, a restart, a failure, a GPU figure) and otherwise
 every :data:`STATUS_REFRESH_S`, so ages, rounds, rewards and CPU figures stay fresh without a rewrite
-every tick. :func:`read_status` is the reader's side. The human table lives in ``supervisor/cli.py``.
+every tick. :func:`read_status` is the reader's side. The human table lives in ``supervisor/statusview.py``.
 """
 
 from __future__ import annotations

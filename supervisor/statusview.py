@@ -21,7 +21,7 @@ from supervisor import procs
 from supervisor.logview import log_lines
 from supervisor.terminal import Line, Segment, escape_controls, plain, styled
 
-STALE_STATUS_S = 60.0  # a running supervisor rewrites status.json every monitor interval
+STALE_STATUS_S = 60.0  # a running supervisor rewrites status.json at least every 5 s (supervisor.status)
 HEADER = ("NODE", "STATE", "PID", "ROUND", "PHASE", "BEAT", "RESTARTS", "REWARD", "RSS", "CPU%", "GPU MEM",
           "LAST EXIT")
 STATE_STYLES = {"RUNNING": "green", "STARTING": "cyan", "BACKOFF": "yellow", "STOPPING": "yellow",
