@@ -1,4 +1,5 @@
-"""Shared fixtures: test helpers importable from every test directory, and a real flaky FUSE mount."""
+"""Shared fixtures: test helpers importable from every test directory, swarms of tests/harness.py, the
+reaper of whatever a test leaves behind, and a real flaky FUSE mount."""
 
 from __future__ import annotations
 
@@ -12,7 +13,47 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # tests/fakes.py, tests/swarm_helpers.py from tests/chaos/ too
+sys.path.insert(0, str(TESTS))  # tests/harness.py, tests/fakes.py, ... from tests/chaos/ too
+
+from fake_node import drive  # noqa: E402
+from harness import Swarm, kill_descendants, set_subreaper, wait_for  # noqa: E402
+
+
+@pytest.fixture
+def make_swarm(tmp_path):
+    """``make_swarm(*sets, config=..., shared=..., env=...)``: a :class:`harness.Swarm` rooted in tmp_path (a
+    second one in tmp_path/swarm2, ...). All are closed at the end, and none may have left a process behind."""
+    made: list[Swarm] = []
+
+    def make(*sets: str, **kwargs) -> Swarm:
+        made.append(Swarm(tmp_path / f"swarm{len(made) + 1}" if made else tmp_path, *sets, **kwargs))
+        return made[-1]
+
+    yield make
+    left = [pid for swarm in made for pid in swarm.close()]
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture
+def reaper():
+    """Supervisors the test appends are stopped (each gets its stop timeout); then every process the test
+    left behind (orphans included: this process is a child subreaper meanwhile) is killed and reaped, and
+    none may have been."""
+    sups: list = []
+    since = time.time() - 0.05  # psutil start times are in clock ticks
+    on = set_subreaper(True)
+    try:
+        yield sups
+    finally:
+        for sup in sups:
+            if sup.exit_code is None:
+                sup.request_stop()
+                drive(sup, timeout=sup.sv.stop_timeout_s + 2)
+            sup.release_lock()
+        left = kill_descendants(since)
+        if on:
+            set_subreaper(False)
+    assert not left, f"processes left behind: {left}"
 
 
 class FlakyMount:
@@ -26,12 +67,12 @@ class FlakyMount:
         self.proc = subprocess.Popen(
             [sys.executable, str(TESTS / "flaky_mount.py"), str(self.backing), str(self.mountpoint), str(self.control)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not os.path.ismount(self.mountpoint):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.skip("FUSE mount could not be started here")
-            time.sleep(0.05)
+        try:
+            wait_for(lambda: os.path.ismount(self.mountpoint), 10, "the FUSE mount",
+                     fail_if=lambda: self.proc.poll() is not None and f"the server exited ({self.proc.returncode})")
+        except AssertionError as err:
+            self.stop()
+            pytest.skip(f"FUSE mount could not be started here: {err}")
         return self
 
     def down(self) -> None:

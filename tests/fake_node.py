@@ -161,7 +161,6 @@ def main(argv=None) -> int:
 # --------------------------------------------------------------------------- helpers for the tests and the bench
 
 FAKE_NODE = [sys.executable, str(Path(__file__).resolve())]
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def fake_config(root: Path, *, workers: int = 2, name: str = "fake", **supervisor):
@@ -199,77 +198,6 @@ def write_heartbeat(runtime_dir: Path, node_id: str, *, pid: int, at: float, pro
     path = heartbeat_path(runtime_dir, node_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec.to_json()))
-
-
-def set_subreaper(on: bool) -> bool:
-    """Adopt orphaned descendants (killed supervisors' nodes) so the tests can reap them."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def kill_descendants(since: float = 0.0, timeout: float = 5.0) -> list[int]:
-    """SIGKILL and reap every descendant of this process started at or after ``since`` (time.time());
-    returns the pids that were still alive. Older descendants (other fixtures' servers) are left alone."""
-    import psutil
-
-    me = psutil.Process()
-    left = []
-    for child in me.children(recursive=True):
-        try:
-            if child.create_time() < since:
-                continue
-            if child.status() != psutil.STATUS_ZOMBIE:
-                left.append(child.pid)
-            child.kill()
-        except psutil.Error:
-            pass
-    deadline = time.monotonic() + timeout
-    for child in me.children():  # reap our direct children (adopted orphans included) that we killed
-        if child.pid in left or _is_zombie(child):
-            while time.monotonic() < deadline:
-                try:
-                    done, _ = os.waitpid(child.pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if done:
-                    break
-                time.sleep(0.01)
-    return left
-
-
-def _is_zombie(proc) -> bool:
-    import psutil
-
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def alive(pid: int) -> bool:
-    """Alive and not a zombie (PID 1 here does not reap orphans promptly)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_for(predicate, timeout: float = 10.0, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    return predicate()
 
 
 def drive(sup, until=lambda: False, timeout: float = 10.0) -> bool:

@@ -15,7 +15,8 @@ import psutil
 import pytest
 import yaml
 
-from fake_node import FAKE_NODE, alive, config_yaml, kill_descendants, set_subreaper, wait_for
+from fake_node import FAKE_NODE, config_yaml
+from harness import Timeouts, alive, wait_for
 from node.config import resolve_config
 from node.layout import ExperimentLayout
 from node.schemas import ConfigSnapshot, PeerRecord, Rollout, RolloutFile, RoundResult, RoundState, TaskRef
@@ -33,19 +34,6 @@ def rt(tmp_path, monkeypatch) -> Path:
     for var in ("GDRIVE_PATH", "EXPERIMENT_NAME", "TEST_MODE", "MAX_ROUNDS"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path / "rt"
-
-
-@pytest.fixture
-def reaper():
-    since = time.time() - 0.05  # psutil start times are in clock ticks
-    on = set_subreaper(True)
-    try:
-        yield
-    finally:
-        left = kill_descendants(since)
-        if on:
-            set_subreaper(False)
-    assert not left, f"processes left behind: {left}"
 
 
 def swarm(*args: str, env_extra=None, timeout=30) -> subprocess.CompletedProcess:
@@ -201,10 +189,10 @@ def test_follow_emits_new_lines_as_they_arrive(tmp_path):
         with open(a, "a") as f:
             f.write("new 1\npart")
         b.write_text("b 1\n")
-        assert wait_for(lambda: len(got) == 2, timeout=3)
+        wait_for(lambda: len(got) == 2, 3, "the two new lines followed")
         with open(a, "a") as f:
             f.write("ial\n")
-        assert wait_for(lambda: len(got) == 3, timeout=3)
+        wait_for(lambda: len(got) == 3, 3, "the completed partial line followed")
     finally:
         stop.set()
         t.join(5)
@@ -344,7 +332,7 @@ def test_detach_then_status_logs_and_stop(tmp_path, rt, reaper, capsys):
         st = read_status(RuntimePaths(rt))
         return st if st and [n["state"] for n in st["nodes"].values()] == ["RUNNING", "RUNNING"] else None
 
-    assert wait_for(running, timeout=15)
+    wait_for(running, Timeouts.of(cfg).budget(), "the detached supervisor's nodes RUNNING")
     assert cli.main(["status", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert f"Supervisor pid {pid}" in out and "worker_1" in out

@@ -1,8 +1,8 @@
 """The supervisor daemon: the state machine on FakeOS (scripted histories), then real processes.
 
 Real-process tests use ``tests/fake_node.py`` (stdlib + node.heartbeat, no torch) as the node command.
-Every test leaves no process behind: the ``reaper`` fixture makes this process a child subreaper and
-SIGKILLs/reaps every descendant at teardown.
+Every test leaves no process behind: the ``reaper`` fixture (tests/conftest.py) makes this process a child
+subreaper and SIGKILLs/reaps every descendant at teardown.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from doubles import FakeOS
-from fake_node import FAKE_NODE, alive, config_yaml, drive, kill_descendants, set_subreaper, fake_config, \
-    wait_for, write_heartbeat
+from fake_node import FAKE_NODE, config_yaml, drive, fake_config, write_heartbeat
+from harness import Timeouts, alive, still_alive, wait_for
 from supervisor import cli, statusview
 from supervisor.daemon import Supervisor
 from supervisor.runfiles import AlreadyRunning, RuntimePaths
@@ -347,26 +347,6 @@ def test_on_event_runs_on_restart_and_fatal(tmp_path):
 
 # --------------------------------------------------------------------------- real processes
 
-@pytest.fixture
-def reaper():
-    """Kill and reap every process the test left behind (orphans included, as a subreaper)."""
-    sups: list[Supervisor] = []
-    since = time.time() - 0.05  # psutil start times are in clock ticks
-    on = set_subreaper(True)
-    try:
-        yield sups
-    finally:
-        for sup in sups:
-            if sup.exit_code is None:
-                sup.request_stop()
-                drive(sup, timeout=sup.sv.stop_timeout_s + 2)
-            sup.release_lock()
-        left = kill_descendants(since)
-        if on:
-            set_subreaper(False)
-    assert not left, f"processes left behind: {left}"
-
-
 def real_sup(tmp_path, reaper, monkeypatch, *, modes=None, workers=2, **supervisor) -> Supervisor:
     monkeypatch.setenv("FAKE_NODE_RECORD", str(tmp_path / "record"))
     for name, mode in (modes or {}).items():
@@ -444,6 +424,9 @@ def test_a_node_ignoring_sigterm_gets_sigkill(tmp_path, reaper, monkeypatch):
 
 # ----- the supervisor as its own process (the CLI), as in production
 
+LAUNCH_S = Timeouts(fake_config(Path("/nonexistent"), workers=2)).budget()  # the staggered start of 3 fake nodes
+
+
 def launch(cfg: Path, tmp_path: Path, *args: str, env_extra=None) -> subprocess.Popen:
     env = {**os.environ, "SWARM_RUNTIME_DIR": str(tmp_path / "rt"), "SWARM_NODE_COMMAND": " ".join(FAKE_NODE),
            "FAKE_NODE_RECORD": str(tmp_path / "record"), **(env_extra or {})}
@@ -462,8 +445,9 @@ def running_status(tmp_path: Path, supervisor_pid: int, nodes: int):
 def test_sigterm_the_supervisor_stops_every_node_within_the_stop_timeout(tmp_path, reaper):
     cfg = config_yaml(tmp_path / "cfg.yaml", tmp_path / "shared", workers=2, stop_timeout_s=3.0)
     proc = launch(cfg, tmp_path)
-    st = wait_for(lambda: running_status(tmp_path, proc.pid, 3), timeout=20)
-    assert st, proc.stdout.read1().decode() if proc.poll() is not None else "never all RUNNING"
+    st = wait_for(lambda: running_status(tmp_path, proc.pid, 3), LAUNCH_S, "every node RUNNING",
+                  fail_if=lambda: proc.poll() is not None and f"the supervisor exited ({proc.returncode})",
+                  details=lambda: proc.stdout.read1().decode() if proc.poll() is not None else "")
     pids = [n["pid"] for n in st["nodes"].values()]
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -483,15 +467,14 @@ def test_sigterm_the_supervisor_stops_every_node_within_the_stop_timeout(tmp_pat
 def test_sigkill_the_supervisor_no_node_survives_and_a_new_launch_takes_over(tmp_path, reaper, capsys, monkeypatch):
     cfg = config_yaml(tmp_path / "cfg.yaml", tmp_path / "shared", workers=2)
     first = launch(cfg, tmp_path)
-    st = wait_for(lambda: running_status(tmp_path, first.pid, 3), timeout=20)
-    assert st, "the first supervisor never had every node RUNNING"
+    st = wait_for(lambda: running_status(tmp_path, first.pid, 3), LAUNCH_S, "the first supervisor's nodes RUNNING")
     pids = [n["pid"] for n in st["nodes"].values()]
     first.kill()
     first.wait(timeout=5)
-    assert wait_for(lambda: not any(alive(p) for p in pids), timeout=5), "a node outlived its supervisor"
+    assert not still_alive(pids, 5), "a node outlived its supervisor"
     second = launch(cfg, tmp_path)  # the runbook after a disconnect: launch again, it resumes
-    st2 = wait_for(lambda: running_status(tmp_path, second.pid, 3), timeout=20)
-    assert st2 and not set(n["pid"] for n in st2["nodes"].values()) & set(pids)
+    st2 = wait_for(lambda: running_status(tmp_path, second.pid, 3), LAUNCH_S, "the second supervisor's nodes RUNNING")
+    assert not set(n["pid"] for n in st2["nodes"].values()) & set(pids)
     # one supervisor per experiment: a third launch refuses, naming the running one
     monkeypatch.setenv("SWARM_RUNTIME_DIR", str(tmp_path / "rt"))
     rc = cli.main(["launch", str(cfg)])

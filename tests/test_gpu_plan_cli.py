@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 
 import pytest
 import structlog
 
 from doubles import FakeGpu, FakeOS, fake_uuid
-from fake_node import FAKE_NODE, drive, fake_config, kill_descendants, set_subreaper
+from fake_node import FAKE_NODE, drive, fake_config
 from node import __main__ as node_main
 from node.config import resolve_config
 from sapo.config import ConfigError
@@ -377,23 +376,6 @@ def test_an_unreadable_process_list_waits_out_the_release_bound(tmp_path):
     assert w1.status.state in (S.STARTING, S.RUNNING) and w1.proc.pid != old
     late = log.named("gpu_not_released")
     assert late[0]["listing"] == "unknown" and "cannot list the device's processes" in late[0]["detail"]
-
-
-@pytest.fixture
-def reaper():
-    since = time.time() - 0.05  # psutil start times are in clock ticks
-    on = set_subreaper(True)
-    sups = []
-    try:
-        yield sups
-    finally:
-        for sup in sups:
-            if sup.exit_code is None:
-                sup.request_stop()
-                drive(sup, timeout=5)
-        kill_descendants(since)
-        if on:
-            set_subreaper(False)
 
 
 def test_real_children_on_a_fake_gpu(tmp_path, reaper):

@@ -14,21 +14,12 @@ import psutil
 import pytest
 
 from doubles import FakeOS
+from harness import reap, set_subreaper, wait_for
 from supervisor import procs
 from supervisor.procs import RealOS, classify_exit, is_alive, signal_group, spawn, tail_file
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
-
-
-def wait_for(predicate, timeout=5.0, poll=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    return predicate()
 
 
 def read_pid(path: Path) -> int | None:
@@ -37,27 +28,6 @@ def read_pid(path: Path) -> int | None:
     except OSError:
         return None
     return int(text[0]) if text else None
-
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def set_subreaper(on: bool) -> bool:
-    """Adopt orphaned descendants while set (so tests can reap the zombies they leave)."""
-    prctl = procs._load_prctl()
-    return prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
-
-
-def reap_pid(pid: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return  # not ours (or already reaped)
-        if done or time.monotonic() > deadline:
-            return
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -84,8 +54,7 @@ def cleanup():
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in pids:  # adopted orphans and other children no Popen owns
-            reap_pid(pid)
+        reap(pids)  # adopted orphans and other children no Popen owns
         if subreaper:
             set_subreaper(False)
 
@@ -135,13 +104,13 @@ def test_process_group_kill_kills_grandchildren(tmp_path, cleanup):
     p = spawn([sys.executable, "-c", code], env=None, cwd=tmp_path,
               stdout_path=tmp_path / "o", stderr_path=tmp_path / "e")
     popens.append(p)
-    gc = wait_for(lambda: read_pid(gc_file))
+    gc = wait_for(lambda: read_pid(gc_file), 5, "the grandchild's pid file")
     assert gc, "the child never started its grandchild"
     pids.append(gc)
     assert is_alive(p.pid) and is_alive(gc)
     assert signal_group(p.pid, signal.SIGKILL) is True
     assert p.wait(timeout=5) == -signal.SIGKILL
-    assert wait_for(lambda: not is_alive(gc)), "grandchild survived the group kill"
+    wait_for(lambda: not is_alive(gc), 5, "the grandchild to die with its group")
     # Everyone is dead (the grandchild may linger as an unreaped zombie): signalling again is quiet.
     signal_group(p.pid, signal.SIGTERM)
 
@@ -161,13 +130,13 @@ def test_pdeathsig_kills_child_when_parent_is_killed(tmp_path, cleanup):
     parent = subprocess.Popen([sys.executable, "-c", parent_code], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     popens.append(parent)
-    child = wait_for(lambda: read_pid(child_file), timeout=10)
+    child = wait_for(lambda: read_pid(child_file), 10, "the child's pid file")
     assert child, f"parent did not spawn its child: {parent.stderr.read1().decode() if parent.poll() else ''}"
     pids.append(child)
     assert is_alive(child)
     parent.kill()  # SIGKILL the parent only; the child is in its own session
     assert parent.wait(timeout=5) == -signal.SIGKILL
-    assert wait_for(lambda: not is_alive(child), timeout=5), "child outlived its parent"
+    wait_for(lambda: not is_alive(child), 5, "the child to die with its parent")
 
 
 def test_child_exits_when_parent_already_gone_before_prctl(tmp_path, cleanup):
@@ -190,9 +159,10 @@ def test_zombie_counts_as_dead_and_reap_is_non_blocking(tmp_path, cleanup):
     t0 = time.monotonic()
     assert os_.reap(p) is None and time.monotonic() - t0 < 0.5
     os.kill(p.pid, signal.SIGKILL)
-    assert wait_for(lambda: psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE)
+    wait_for(lambda: psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE, 5, "the killed child to be a zombie")
     assert not os_.is_alive(p.pid)  # a zombie, not yet reaped
-    assert wait_for(lambda: os_.reap(p) is not None) and p.returncode == -signal.SIGKILL
+    wait_for(lambda: os_.reap(p) is not None, 5, "the zombie reaped")
+    assert p.returncode == -signal.SIGKILL
     assert not is_alive(p.pid)
     assert os_.signal_group(p.pid, signal.SIGKILL) is False
 
