@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import Timeouts
 from node.config import resolve_config
 from node.heartbeat import Heartbeat
 from node.layout import ExperimentLayout
@@ -299,34 +300,21 @@ def test_autocast_forward_runs_in_bfloat16(monkeypatch):
     assert seen and set(seen) == {torch.bfloat16}
 
 
+LEVERS = ("experiment.max_rounds=2", "sapo.warmup=true", "sapo.compile_generate=true",
+          "model.attn_implementation=eager", "model.autocast=bfloat16")
+
+
 @pytest.mark.slow
-def test_swarm_with_warmup_and_levers_on_cpu_finishes_and_validates(tmp_path):
+@pytest.mark.timeout(Timeouts.of(CONFIG, *LEVERS).budget(rounds=2))
+def test_swarm_with_warmup_and_levers_on_cpu_finishes_and_validates(make_swarm):
     """`swarm launch` with every CPU-checkable lever on: warm-up, static cache, eager attention, autocast."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    sets = [f"experiment.root={tmp_path / 'shared'}", f"exchange.lock_dir={tmp_path / 'locks'}",
-            f"exchange.spool_dir={tmp_path / 'spool'}", "experiment.max_rounds=2", "sapo.warmup=true",
-            "sapo.compile_generate=true", "model.attn_implementation=eager", "model.autocast=bfloat16"]
-    env = {**os.environ, "SWARM_RUNTIME_DIR": str(tmp_path / "run")}
-
-    def swarm(command):
-        cmd = [sys.executable, "-m", "supervisor.cli", command, str(CONFIG)]
-        for item in sets:
-            cmd += ["--set", item]
-        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=280)
-
-    launched = swarm("launch")
-    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-2000:]
-    assert swarm("validate").returncode == 0
-    exp = tmp_path / "shared" / "experiments" / "smoke-cpu"
-    for worker in ("worker_1", "worker_2"):
-        events = [json.loads(x)["event"] for x in (exp / "logs" / worker / "training_events.jsonl").read_text().splitlines()]
+    run = make_swarm(*LEVERS)
+    assert run.run_to_end() == 0, run.output()[-4000:]
+    assert run.cli("validate").returncode == 0
+    for worker in run.workers:
+        events = [e["event"] for e in run.events(worker)]
         assert events.index("warmup") < events.index("finished")
-        rounds = [json.loads(x)["round"] for x in (exp / "logs" / worker / "metrics.jsonl").read_text().splitlines()]
-        assert rounds == [0, 1]
+        assert [m["round"] for m in run.metrics(worker)] == [0, 1]
 
 
 # --- CPU threads: the supervisor shares the cores among CPU workers ----------------------------------

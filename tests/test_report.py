@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from swarm_helpers import swarm_factory  # noqa: F401 - the fixture (tests/ is on sys.path via conftest)
 
+from harness import CONFIG, Timeouts
 from supervisor.report import build_report, main
 from supervisor.report_data import ReportError, load_experiment
 from supervisor.report_table import moving_window, trailing_mean
@@ -292,12 +292,13 @@ def test_moving_average_helpers():
 
 
 @pytest.mark.slow
-def test_report_on_a_real_two_worker_swarm(swarm_factory, tmp_path):
-    swarm = swarm_factory("experiment.max_rounds=4")
-    for node in ("coordinator", "worker_1", "worker_2"):
-        swarm.start(node)
-    for node in ("coordinator", "worker_1", "worker_2"):
-        assert swarm.wait(node, 240) == 0, swarm.output(node)[-3000:]
+@pytest.mark.timeout(Timeouts.of(CONFIG, "experiment.max_rounds=4").budget(rounds=4))
+def test_report_on_a_real_two_worker_swarm(make_swarm, tmp_path):
+    swarm = make_swarm("experiment.max_rounds=4")
+    for node in swarm.names:
+        swarm.start_node(node)
+    for node in swarm.names:
+        assert swarm.wait_node(node, swarm.t.budget(rounds=4)) == 0, swarm.output(f"{node}.out")[-3000:]
     report = build_report([swarm.exp], tmp_path / "report")
     (row,) = report.experiments
     lines = {w: swarm.metrics(w) for w in ("worker_1", "worker_2")}
