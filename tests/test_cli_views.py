@@ -21,7 +21,7 @@ from rich.console import Console
 from fake_node import FAKE_NODE, config_yaml
 from supervisor import cli, live, logview, statusview, validate
 from supervisor.terminal import escape_controls
-from test_cli import fabricated_status, make_experiment, reaper, rt  # noqa: F401 - fixtures
+from test_cli import fabricated_status, make_experiment, rt  # noqa: F401 - a fixture (reaper: conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 # What a hostile value may try: clear the screen, retitle the window (OSC ... BEL), a C1 CSI, a fake line.
