@@ -267,7 +267,6 @@ class Swarm:
         self.tracker = tracker or ProcessTracker()
         self.proc: subprocess.Popen | None = None  # the supervisor
         self.nodes: dict[str, subprocess.Popen] = {}  # nodes started by hand
-        self.launches = 0
         self.rounds: list[tuple[float, int, bool]] = []  # (wall time, state round, finished) on change
         self.history: dict[str, list[tuple[float, int | None, str]]] = {}  # node -> (wall, pid, state) on change
         self._stop = threading.Event()
@@ -292,14 +291,13 @@ class Swarm:
 
     def launch(self) -> subprocess.Popen:
         """`swarm launch` in the background (output to ``root/supervisor.out``)."""
-        self.launches += 1
         self.proc = self._popen(self.command("launch"), "supervisor.out")
         return self.proc
 
-    def run_to_end(self, timeout: float | None = None) -> int:
-        """`swarm launch` to its exit (by default within the time every round may take); its exit code."""
+    def run_to_end(self) -> int:
+        """`swarm launch` to its exit (within the time every round may take); its exit code."""
         self.launch()
-        return self.wait_exit(self.t.budget(rounds=self.config.experiment.max_rounds) if timeout is None else timeout)
+        return self.wait_exit(self.t.budget(rounds=self.config.experiment.max_rounds))
 
     def cli(self, sub: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Another `swarm` command on the same config (validate, status, a second launch...)."""

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 
 import pytest
 
 from doubles import FakeGpu, fake_uuid
+from harness import wait_for
 from supervisor import gpu as gpumod
 from supervisor.gpu import GIB, GpuDevice, GpuProcess, NoSuchGpu, requested_gpu
 from supervisor.gpu_pids import Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
@@ -467,10 +467,8 @@ def test_fake_gpu_reports_only_real_live_children(children):
     assert match_gpu_processes([a.pid, b.pid, os.getpid()], fake.processes(dev)) == {a.pid: 2 * GIB,
                                                                                      b.pid: 3 * GIB}
     os.kill(b.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(gp.pid == b.pid for gp in fake.processes(dev)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [gp.pid for gp in fake.processes(dev)] == [a.pid]  # gone even before it is reaped
+    wait_for(lambda: [gp.pid for gp in fake.processes(dev)] == [a.pid], 5,
+             "the killed process gone from the list")  # gone even before it is reaped
     fake.readable = False
     assert fake.processes(dev) is None
 
