@@ -10,8 +10,8 @@ import signal as _signal
 import time
 from typing import Callable, Mapping, Sequence
 
-import psutil
 
+from supervisor import procs
 from supervisor.gpu import GIB, GpuDevice, GpuProcess, NoSuchGpu, is_index, match_uuid, seen_text
 
 
@@ -146,12 +146,7 @@ class FakeGpu:
         until = self.lingering.get(pid)
         if until is not None and self.clock() < until:
             return True
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.AccessDenied:
-            return True
+        return procs.is_alive(pid)  # like NVML: live processes only, zombies excluded
 
     def _check(self) -> None:
         if self.closed:
