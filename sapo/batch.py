@@ -31,6 +31,7 @@ class TrainBatch:
     completion_mask: torch.Tensor  # (N, T) float, 1 on completion tokens
     advantages: torch.Tensor  # (N,) float
     prompt_lengths: list[int]
+    lengths: list[int]  # real (unpadded) tokens of each row: kept as Python ints, so planning never syncs a GPU
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -40,20 +41,16 @@ class TrainBatch:
         """Tokens the loss is averaged over."""
         return int(self.completion_mask.sum())
 
-    @property
-    def lengths(self) -> list[int]:
-        """Real (unpadded) tokens of each row."""
-        return self.attention_mask.sum(dim=1).tolist()
-
     def rows(self, start: int, stop: int) -> "TrainBatch":
         """A micro-batch of rows [start, stop), trimmed to its own longest sequence."""
-        width = int(self.attention_mask[start:stop].sum(dim=1).max())
+        width = max(self.lengths[start:stop])
         return TrainBatch(
             input_ids=self.input_ids[start:stop, :width],
             attention_mask=self.attention_mask[start:stop, :width],
             completion_mask=self.completion_mask[start:stop, :width],
             advantages=self.advantages[start:stop],
             prompt_lengths=self.prompt_lengths[start:stop],
+            lengths=self.lengths[start:stop],
         )
 
     def to(self, device) -> "TrainBatch":
@@ -64,6 +61,7 @@ class TrainBatch:
             self.completion_mask.to(device),
             self.advantages.to(device),
             self.prompt_lengths,
+            self.lengths,
         )
 
 
@@ -85,7 +83,8 @@ def build_batch(groups: list[Group], advantages: list[list[float]], pad_id: int)
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, : len(seq)] = 1
         completion_mask[i, len(prompt): len(seq)] = 1.0
-    return TrainBatch(input_ids, attention_mask, completion_mask, torch.tensor(row_adv), prompt_lengths)
+    return TrainBatch(input_ids, attention_mask, completion_mask, torch.tensor(row_adv), prompt_lengths,
+                      [len(p) + len(c) for p, c in rows])
 
 
 def plan_micro_batches(lengths: list[int], *, max_rows: int = 0, max_tokens: int = 0) -> list[tuple[int, int]]:
