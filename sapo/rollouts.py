@@ -125,17 +125,15 @@ def sample_completions(
     temperature: float,
     top_p: float,
     seed: int | None = None,
-    static_cache_len: int | None = None,
     min_new_tokens: int | None = None,
     cache=None,
 ) -> list[list[Completion]]:
     """G completions for each prompt, all in one ``generate`` call; returns ``[prompt][g]``.
 
-    ``static_cache_len``: sample with a static KV cache of (at least) that many positions instead of the
-    growing dynamic one. Its shape then stays the same from round to round, so on CUDA transformers compiles
-    the decoding step once (``torch.compile``, its auto-compile for static caches) and reuses it.
-    ``cache``: a cache from :func:`make_static_cache` for exactly P * G rows, reset and reused (it wins over
-    ``static_cache_len``): the same tensors every call, so CUDA graphs recorded for them stay valid.
+    ``cache``: a static KV cache from :func:`make_static_cache` for exactly P * G rows, reset and reused
+    (None: transformers' growing dynamic cache). Its shape and tensors stay the same from round to round, so
+    on CUDA transformers compiles the decoding step once (its auto-compile for static caches) and the CUDA
+    graphs recorded for it stay valid.
     ``min_new_tokens``: never stop before that many tokens (the start-up warm-up's worst case).
     """
     device = next(model.parameters()).device
@@ -151,8 +149,6 @@ def sample_completions(
     if cache is not None:
         cache.reset()
         extra[_cache_argument()] = cache
-    elif static_cache_len:
-        extra.update(cache_implementation="static", max_cache_len=max(static_cache_len, input_ids.shape[1] + max_new_tokens))
     if min_new_tokens:
         extra["min_new_tokens"] = min_new_tokens
     was_training = model.training

@@ -24,7 +24,7 @@ from node.storage import SharedStore
 from node.worker import Worker
 from sapo.config import ConfigError, SapoConfig, TaskSpec
 from sapo.learner import SapoLearner
-from sapo.rollouts import sample_completions
+from sapo.rollouts import make_static_cache, sample_completions
 from sapo.tiny_model import build_tiny_gpt2
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke-cpu.yaml"
@@ -223,7 +223,7 @@ def test_static_cache_samples_the_same_tokens_as_the_dynamic_cache():
                tok("What is 3 + 4? Answer in tags.", add_special_tokens=False)["input_ids"]]
     kw = dict(num_generations=3, max_new_tokens=20, temperature=1.0, top_p=1.0, seed=7)
     dynamic = sample_completions(model, tok, prompts, **kw)
-    static = sample_completions(model, tok, prompts, static_cache_len=64, **kw)
+    static = sample_completions(model, tok, prompts, cache=make_static_cache(model, 2 * 3, 64), **kw)
     assert [[c.token_ids for c in g] for g in static] == [[c.token_ids for c in g] for g in dynamic]
 
 
