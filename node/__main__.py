@@ -25,6 +25,7 @@ from node.logs import bind, configure_logging
 from node.runtime import (EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested,
                           ensure_config_snapshot)
 from node.retry import is_transient
+from node.signing import KeyProblem, Signer, fingerprint, resolve_key
 from node.storage import SharedStore
 from sapo.config import ConfigError
 
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--role", choices=ROLES, help="coordinator or worker (env NODE_ROLE)")
     p.add_argument("--node-id", help="this node's id, e.g. worker_1 (env NODE_ID)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
+    p.add_argument("--key-file", help="the experiment key (hex), e.g. copied from the supervisor's runtime dir "
+                   "(env SWARM_KEY, SWARM_KEY_FILE; default: <runtime dir>/swarm.key, created if absent)")
     return p.parse_args(argv)
 
 
@@ -137,7 +140,13 @@ def main(argv=None) -> int:
     bind(node_id=node_id, role=role, pid=os.getpid())
     stop = StopFlag().install()
     layout = ExperimentLayout.from_config(config)
-    store = SharedStore.from_config(config, node_id=node_id)
+    try:
+        signer = make_signer(config, args.key_file, runtime_dir)
+    except KeyProblem as err:
+        log.error("configuration_error", error=str(err))
+        print(f"configuration error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    store = SharedStore.from_config(config, node_id=node_id, signer=signer)
     heartbeat = Heartbeat(runtime_dir, node_id, role, config.supervisor.heartbeat_interval_s)
     try:
         join_experiment(store, layout, config, node_id, stop)
@@ -160,6 +169,19 @@ def main(argv=None) -> int:
         raise
     finally:
         heartbeat.stop()
+
+
+def make_signer(config, key_file: str | None, runtime_dir) -> Signer:
+    """The signer of this node's shared-dir files: the experiment key from ``--key-file``, ``$SWARM_KEY``,
+    ``$SWARM_KEY_FILE`` or ``<runtime dir>/swarm.key`` (created there when there is none: every node of
+    one host then shares it; nodes on other hosts must be given it)."""
+    key, source = resolve_key(key_file=key_file, runtime_dir=runtime_dir, create=True)
+    required = config.exchange.require_signatures
+    log.info("experiment_key", source=source, fingerprint=fingerprint(key), require_signatures=required)
+    if not required:
+        log.warning("signatures_not_required", hint="exchange.require_signatures is false: unsigned files "
+                    "in the shared directory are accepted (anyone who can write there can forge them)")
+    return Signer(key, required=required)
 
 
 def join_experiment(store, layout, config, node_id: str, stop: StopFlag, *, retry_s: float = 5.0) -> None:

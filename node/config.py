@@ -122,6 +122,9 @@ class ExchangeSection:
                                     "(env ROLLOUT_KEEP_LAST_N_ROUNDS)")
     archive_old: Bool = Field(False, description="archive old rounds instead of deleting them "
                               "(env ROLLOUT_ARCHIVE_OLD)")
+    require_signatures: Bool = Field(True, description="refuse shared-dir files without a valid HMAC signature "
+                                     "(the experiment key); false accepts unsigned files, for a directory shared "
+                                     "with older versions (files with a wrong signature are still refused)")
 
 
 @section

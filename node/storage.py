@@ -12,7 +12,10 @@ is untrusted: other nodes' files may be truncated, huge, hostile, or from anothe
 - :mod:`node.spool` — publishes the mount refused wait on local disk and are flushed when it returns;
 - :mod:`node.strict_json` — JSON with NaN/Infinity refused and the nesting depth capped;
 - :mod:`node.warn_once` — a bad file gives ``None`` and one warning per file version, never an exception;
-- :mod:`node.locks` — file locks on local disk (a lock on a FUSE mount may be a no-op).
+- :mod:`node.locks` — file locks on local disk (a lock on a FUSE mount may be a no-op);
+- :mod:`node.signing` — every JSON file and JSONL line we write is signed (HMAC-SHA256, the experiment
+  key), every one we read is verified before it is parsed; refusals are counted per reason
+  (:attr:`SharedStore.rejected`).
 
 All OS calls on the shared directory go through an injected ``fs`` object (:class:`RealFS` by default),
 so tests can make the "mount" fail with ``EIO``/``ENOTCONN``/``ENOSPC`` at will.
@@ -24,6 +27,7 @@ import hashlib
 import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -37,6 +41,7 @@ from node.fsio import BadFile, RealFS
 from node.layout import ExperimentLayout
 from node.locks import LockBox
 from node.retry import TRANSIENT_ERRNOS, RetryPolicy, errno_name
+from node.signing import SignatureError, Signer
 from node.spool import Spool
 from node.strict_json import MAX_JSON_DEPTH, encode_json, parse_json_bytes
 from node.warn_once import WarnOnce
@@ -87,6 +92,7 @@ class SharedStore:
         sleep: Callable[[float], None] = time.sleep,
         rng: Any = None,
         max_json_depth: int = MAX_JSON_DEPTH,
+        signer: Signer | None = None,
     ):
         self.layout = root if isinstance(root, ExperimentLayout) else ExperimentLayout(Path(root))
         self.root = self.layout.root
@@ -99,6 +105,8 @@ class SharedStore:
         self.spool_dir = Path(spool_dir) if spool_dir else cache / "spool" / key / (node_id or "_shared")
         self.max_file_bytes = int(max_file_bytes)
         self.max_json_depth = max_json_depth
+        self.signer = signer if signer is not None else Signer(None, required=False)
+        self.rejected: Counter[str] = Counter()  # files (and lines) refused on read, per reason
         self.fs = fs if fs is not None else RealFS()
         self._retry = RetryPolicy(attempts=retry_attempts, base_delay=retry_base_delay, max_delay=retry_max_delay,
                                   sleep=sleep, rng=rng if rng is not None else random.Random())
@@ -141,8 +149,8 @@ class SharedStore:
 
     # -- writes ---------------------------------------------------------------------------------------
     def write_json_atomic(self, path: Path | str, obj: Any, *, retries: bool = False) -> None:
-        """Write ``obj`` as strict JSON, atomically (no spool: see :meth:`publish`)."""
-        self.write_bytes_atomic(path, encode_json(obj), retries=retries)
+        """Write ``obj`` (a JSON object) as strict, signed JSON, atomically (no spool: see :meth:`publish`)."""
+        self.write_bytes_atomic(path, self.encode_signed(path, obj), retries=retries)
 
     def write_bytes_atomic(self, path: Path | str, data: bytes, *, retries: bool = False) -> None:
         """:func:`node.fsio.write_atomic` inside the experiment: on any failure the old content (if any) is
@@ -157,21 +165,43 @@ class SharedStore:
         """Write ``obj`` to ``path`` atomically, with retries. True when it is in the shared dir; False
         when the mount refused it (transient error or full) and it went to the local spool, to be written
         by a later :meth:`flush_spool` (every publish flushes first). Other errors propagate."""
-        data = encode_json(obj)
         p = self._confine.check_writable(path)
+        data = self.encode_signed(p, obj)
         self.flush_spool(attempts=1)
         return self._spool.send(p, data, lambda: self._retry(lambda: self.write_bytes_atomic(p, data), "publish"))
 
     def append_jsonl(self, path: Path | str, obj: Any) -> bool:
         """Append ``obj`` as one JSON line (O_APPEND, write, fsync) under this file's lock. True when it is
         in the shared dir; False when spooled locally (kept in order, flushed later)."""
-        line = encode_json(obj) + b"\n"
         p = self._confine.check_writable(path)
+        line = self.encode_signed(p, obj) + b"\n"
         self.flush_spool(attempts=1)
 
         def append() -> None:
             self._retry(lambda: fsio.append_bytes(p, line, fs=self.fs), "append")
         return self._spool.send_line(p, line, append, self.lock(self._append_lock_name(p)))
+
+    def encode_signed(self, path: Path | str, obj: Any) -> bytes:
+        """The bytes we write for ``obj`` at ``path``: compact strict JSON, signed for that path."""
+        return self.signer.sign(encode_json(obj), self.context(path))
+
+    def context(self, path: Path | str) -> str:
+        """What a signature binds a file to: its path relative to the experiment (or archive) dir, so a
+        signed file copied to another round or node no longer verifies; an archived copy still does."""
+        lexical = os.path.normpath(os.path.abspath(path))
+        for base in self._confine.bases:
+            b = os.path.normpath(os.path.abspath(base))
+            if lexical.startswith(b + os.sep):
+                return Path(os.path.relpath(lexical, b)).as_posix()
+        return Path(lexical).name
+
+    def verified(self, path: Path | str, data: bytes, sig: tuple = ()) -> bytes:
+        """The canonical bytes of signed ``data`` read at ``path``; BadFile (``unsigned``/``bad signature``)
+        when the signature is missing (and required) or wrong. Checked before any parsing."""
+        try:
+            return self.signer.verify(data, self.context(path))
+        except SignatureError as err:
+            raise BadFile(err.reason, sig) from None
 
     def spooled(self) -> list[Path]:
         """Shared-dir paths waiting in the spool, oldest first."""
@@ -197,7 +227,7 @@ class SharedStore:
     def read_bytes(self, path: Path | str, *, max_bytes: int | None = None) -> bytes | None:
         """The bytes of a regular file in the shared dir, or None (missing, refused, or unreachable; one
         warning per bad file version)."""
-        return self._tolerant(path, lambda: self._read_checked(path, max_bytes)[0], None)
+        return self._tolerant(path, lambda: self._read_checked(path, max_bytes)[0], None)  # raw: not verified
 
     def read_json(self, path: Path | str, *, max_bytes: int | None = None,
                   raise_unreachable: bool = False) -> Any | None:
@@ -216,6 +246,7 @@ class SharedStore:
         ``raise_unreachable`` as in :meth:`read_json`."""
         def read():
             data, sig = self._read_checked(path, max_bytes)
+            data = self.verified(path, data, sig)
             try:
                 obj = parse_json_bytes(data, max_depth=self.max_json_depth)
             except ValueError as err:
@@ -232,8 +263,16 @@ class SharedStore:
         unreachable (one warning per bad file version)."""
         def read():
             p = self._inside_or_bad(path)
-            return self._reading(p, lambda: fsio.read_jsonl(p, max_bytes=max_bytes, fs=self.fs))
+            return self._reading(p, lambda: fsio.read_jsonl(p, max_bytes=max_bytes, fs=self.fs,
+                                                            verify=lambda line: self._verified_line(p, line)))
         return self._tolerant(path, read, ([], 0))
+
+    def _verified_line(self, p: Path, line: bytes) -> bytes:
+        try:
+            return self.signer.verify(line, self.context(p))
+        except SignatureError as err:
+            self.rejected[err.reason] += 1
+            raise
 
     def read_bytes_strict(self, path: Path | str, *, max_bytes: int | None = None) -> bytes:
         """Like :meth:`read_bytes` but raising: :class:`BadFile` (refused: symlink, not regular, over the
@@ -252,6 +291,7 @@ class SharedStore:
         except BadFile as bad:
             if raise_unreachable and isinstance(bad, Unreachable):
                 raise bad.error from None
+            self.rejected[rejection_kind(bad.reason)] += 1
             self._warn(path, bad.signature, "peer_file_rejected", reason=bad.reason)
             return default
         self._warn.clear(path)
@@ -339,3 +379,15 @@ class SharedStore:
         """A file lock ``<lock_dir>/<name>.lock`` for read-modify-write sequences on this host. The same
         object is returned for the same name (re-entrant in one thread; threads exclude each other)."""
         return self._locks.get(name, timeout=timeout)
+
+
+def rejection_kind(reason: str) -> str:
+    """A short, bounded category for a refusal reason (for counters): ``unsigned``, ``bad signature``,
+    ``schema``, ``json``, ``too large``, ``not a regular file``... (free text is cut at its first colon)."""
+    if reason.startswith("schema:"):
+        return "schema"
+    if "exceeds the cap" in reason or "beyond the cap" in reason:
+        return "too large"
+    if reason.startswith(("invalid JSON", "not UTF-8", "nested deeper", "numbers must be finite")):
+        return "json"
+    return reason.split(":")[0][:40]

@@ -32,6 +32,7 @@ import yaml
 
 from node.config import resolve_config
 from node.logs import configure_logging
+from node.signing import KEY_ENV, KEY_FILE_ENV, KeyProblem, fingerprint, resolve_key
 from sapo.config import ConfigError
 from supervisor import detach, live, logview, procs, validate
 from supervisor.daemon import Supervisor
@@ -79,6 +80,7 @@ def cmd_launch(args) -> int:
     pid = running_supervisor(paths)
     if pid is not None:
         raise AlreadyRunning(pid, paths.root)
+    _provide_key(args.key_file, paths.root)
     kwargs = dict(config_path=args.config, overrides=overrides, node_command=_node_command())
     if args.detach:
         return detach.launch_detached(config, kwargs, paths)
@@ -90,6 +92,19 @@ def cmd_launch(args) -> int:
     rc = sup.run() if console is None else live.run_live(sup, console, ring)
     print(f"swarm: supervisor exited with code {rc}: {sup.summary_line()}", file=sys.stderr)
     return rc
+
+
+def _provide_key(key_file: str | None, runtime_dir) -> None:
+    """Make the experiment key (``--key-file``, ``$SWARM_KEY``, ``$SWARM_KEY_FILE``, or
+    ``<runtime dir>/swarm.key``, created at the first launch) the nodes' ``$SWARM_KEY``. A bad key is a
+    configuration error before anything starts."""
+    try:
+        key, source = resolve_key(key_file=key_file, runtime_dir=runtime_dir, create=True)
+    except KeyProblem as err:
+        raise ConfigError("--key-file", str(err)) from None
+    os.environ[KEY_ENV] = key.hex()
+    os.environ.pop(KEY_FILE_ENV, None)
+    print(f"swarm: experiment key {fingerprint(key)} from {source}", file=sys.stderr)
 
 
 def cmd_status(args) -> int:
@@ -177,6 +192,9 @@ def _run_commands(sub) -> None:
     p.add_argument("--workers", type=int, metavar="N", help="number of workers (= --set supervisor.workers=N)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background (new session); prints its pid; logs in the runtime dir")
+    p.add_argument("--key-file", metavar="PATH",
+                   help="the experiment key to sign and verify shared-dir files with (default: "
+                   "<runtime dir>/swarm.key, created at the first launch; env SWARM_KEY, SWARM_KEY_FILE)")
     p = _command(sub, "status", cmd_status, "show the supervisor's status (per-node state, round, memory)",
                  "Show status.json of the running supervisor, or say that none runs. "
                  "Exit code 0 when a supervisor runs, 3 when none does.")

@@ -14,6 +14,7 @@ import time
 from typing import Any, Mapping
 
 from node.logs import rotate_if_large
+from node.signing import KEY_ENV, KEY_FILE_ENV
 from supervisor.runfiles import RuntimePaths
 from supervisor.sdnotify import child_env
 
@@ -42,6 +43,8 @@ class EventHooks:
             self.log.warning("on_event_skipped", kind=kind, node=node, running=len(self.running))
             return
         env = child_env(self.environ)
+        for secret in (KEY_ENV, KEY_FILE_ENV):  # a notification script has no business signing files
+            env.pop(secret, None)
         env.update(SWARM_EVENT=kind, SWARM_NODE=node, SWARM_REASON=reason, SWARM_EXPERIMENT=self.experiment,
                    SWARM_RUNTIME_DIR=str(self.paths.root))
         try:
