@@ -191,12 +191,13 @@ def read_capped(path: Path | str, cap: int, *, fs: Any = REAL_FS) -> tuple[bytes
     return b"".join(chunks), sig
 
 
-def iter_jsonl(path: Path | str, *, max_bytes: int = DEFAULT_MAX_JSONL_BYTES,
-               fs: Any = REAL_FS) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: Path | str, *, max_bytes: int = DEFAULT_MAX_JSONL_BYTES, fs: Any = REAL_FS,
+               verify: Callable[[bytes], bytes] | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value or the ValueError that refused it) for each non-blank line among the
     first ``max_bytes`` of a JSONL file, read line by line (strict JSON, as :func:`parse_json_bytes`). A
     partial last line (a file being appended to, or cut by ``max_bytes``) is a ValueError like any bad
-    line. Missing file: nothing. Refused file: :class:`BadFile`, as :func:`read_capped`."""
+    line. ``verify(raw line) -> bytes`` checks each line before it is parsed (a signature; its ValueError
+    refuses the line). Missing file: nothing. Refused file: :class:`BadFile`, as :func:`read_capped`."""
     try:
         fd, _ = _open_regular(fs, Path(path), None)
     except FileNotFoundError:
@@ -206,19 +207,19 @@ def iter_jsonl(path: Path | str, *, max_bytes: int = DEFAULT_MAX_JSONL_BYTES,
             if not raw.strip():
                 continue
             try:
-                yield number, parse_json_bytes(raw)
+                yield number, parse_json_bytes(raw if verify is None else verify(raw))
             except ValueError as err:
                 yield number, err
     finally:
         fs.close(fd)
 
 
-def read_jsonl(path: Path | str, *, max_bytes: int = DEFAULT_MAX_JSONL_BYTES,
-               fs: Any = REAL_FS) -> tuple[list[dict], int]:
+def read_jsonl(path: Path | str, *, max_bytes: int = DEFAULT_MAX_JSONL_BYTES, fs: Any = REAL_FS,
+               verify: Callable[[bytes], bytes] | None = None) -> tuple[list[dict], int]:
     """The JSON-object lines of a JSONL file (see :func:`iter_jsonl`) and how many lines were skipped:
-    not JSON, partial, or JSON but not an object. A missing file gives ``([], 0)``."""
+    not JSON, partial, refused by ``verify``, or JSON but not an object. A missing file gives ``([], 0)``."""
     rows, bad = [], 0
-    for _, value in iter_jsonl(path, max_bytes=max_bytes, fs=fs):
+    for _, value in iter_jsonl(path, max_bytes=max_bytes, fs=fs, verify=verify):
         if isinstance(value, dict):
             rows.append(value)
         else:
