@@ -8,8 +8,10 @@ every file of the round is archived. So an interrupted run leaves either the who
 archive, and running again finishes the job (idempotent).
 
 Guarantees: the current and the previous round are never touched, whatever ``keep_last_n`` says (it is
-treated as at least 2), nor is any round ahead of ``current_round``. Symlinks are never followed (a
-symlink in a round dir is unlinked, not archived). Concurrent deletion is fine; a transient error stops
+treated as at least 2), nor is any round ahead of ``current_round``. Symlinks are never followed: every
+directory is opened relative to its parent's fd with ``O_NOFOLLOW`` (:mod:`node.fdtree`), so a round or
+stage dir swapped for a symlink between listing and deleting is unlinked, never entered, and no path is
+resolved twice (a symlink in a round dir is unlinked, not archived). Concurrent deletion is fine; a transient error stops
 that round's work, is reported, and the next call tries again. Runs under the store's ``retention`` lock;
 if another process holds it, the call returns at once with ``skipped`` set.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 import filelock
 import structlog
 
+from node import fdtree
 from node.fsio import BadFile
 from node.layout import ARCHIVE_KINDS, parse_round_dir, parse_stage_dir
 from node.storage import SharedStore
@@ -67,8 +70,10 @@ def apply_retention(
     keep_last_n: int,
     archive: bool,
     lock_timeout: float = 0.0,
+    ops: fdtree.FdOps = fdtree.REAL_OPS,
 ) -> RetentionReport:
-    """One retention pass over ``rollouts/`` and ``rewards/`` of ``store``'s experiment (see module doc)."""
+    """One retention pass over ``rollouts/`` and ``rewards/`` of ``store``'s experiment (see module doc).
+    ``ops`` makes the fd-relative OS calls (a faulty double in tests); archive copies go through the store."""
     if type(current_round) is not int or current_round < 0:
         raise ValueError(f"current_round must be a non-negative integer, got {current_round!r}")
     base = dict(current_round=current_round, enabled=enabled, archive=archive, keep_last_n=keep_last_n)
@@ -81,78 +86,109 @@ def apply_retention(
         log.info("retention_skipped", reason="locked by another process", round=current_round)
         return RetentionReport(**base, skipped="locked by another process")
     try:
-        deleted: dict[str, tuple[int, ...]] = {}
-        archived: dict[str, tuple[int, ...]] = {}
+        walk = _Walk(store, ops)
+        done: dict[str, tuple[int, ...]] = {}
         kept: dict[str, tuple[int, ...]] = {}
         errors: list[str] = []
         for kind in ARCHIVE_KINDS:
-            kind_dir = store.root / kind
             try:
-                names = store.listdir(kind_dir, raise_unreachable=True)
+                kind_fd = fdtree.open_dir(store.root, [kind], ops=ops, call=walk.call)
+            except FileNotFoundError:
+                done[kind], kept[kind] = (), ()
+                continue
             except OSError as err:
                 errors.append(f"{kind}: cannot list: {err}")
                 log.warning("retention_list_failed", kind=kind, error=str(err))
                 continue
-            rounds = sorted({r for r in (parse_round_dir(n) for n in names) if r is not None})
-            old = rounds_to_remove(rounds, current_round, keep_last_n)
-            kept[kind] = tuple(r for r in rounds if r not in old)
-            done: list[int] = []
-            for r in old:
-                src = store.layout.round_dir(kind, r)
-                try:
-                    if archive:
-                        _archive_round(store, src, store.layout.archive_dir(kind, r))
-                    store.remove_tree(src)
-                except (OSError, BadFile, ValueError) as err:
-                    msg = f"{kind}/round_{r}: {type(err).__name__}: {err}"
-                    errors.append(msg)
-                    log.warning("retention_round_failed", kind=kind, round=r, error=str(err))
-                    continue
-                done.append(r)
-            (archived if archive else deleted)[kind] = tuple(done)
-            if done:
-                log.info("retention_applied", kind=kind, rounds=done, action="archived" if archive else "deleted",
-                         current_round=current_round)
-        return RetentionReport(**base, deleted=deleted, archived=archived, kept=kept, errors=tuple(errors))
+            try:
+                done[kind], kept[kind] = walk.kind(kind, kind_fd, current_round, keep_last_n, archive, errors)
+            finally:
+                ops.close(kind_fd)
+            if done[kind]:
+                log.info("retention_applied", kind=kind, rounds=list(done[kind]),
+                         action="archived" if archive else "deleted", current_round=current_round)
+        return RetentionReport(**base, deleted={} if archive else done, archived=done if archive else {}, kept=kept,
+                               errors=tuple(errors))
     finally:
         lock.release()
 
 
-def _archive_round(store: SharedStore, src: Path, dst: Path) -> None:
-    """Copy every regular file under ``src`` to ``dst`` (stage dirs kept); raise if any copy fails or
-    any listing is unreachable (so the caller never deletes what it could not see). A round directory
-    that is a symlink or a plain file is not archived (and then deleted as such)."""
-    st = store.lstat(src, raise_unreachable=True)
-    if st is None or not stat.S_ISDIR(st.st_mode):
-        return
-    for stage_name in store.listdir(src, raise_unreachable=True):
-        stage_src = src / stage_name
-        sst = store.lstat(stage_src, raise_unreachable=True)
-        if sst is None or not stat.S_ISDIR(sst.st_mode) or parse_stage_dir(stage_name) is None:
-            if sst is not None:
-                log.warning("retention_entry_not_archived", path=str(stage_src), reason="not a stage directory")
-            continue
-        for name in store.listdir(stage_src, raise_unreachable=True):
-            if name.startswith("."):  # temp files of interrupted writes
+class _Walk:
+    """One pass's fd-relative walk: ``ops`` for the OS calls, the store's retry policy around each."""
+
+    def __init__(self, store: SharedStore, ops: fdtree.FdOps):
+        self.store, self.ops = store, ops
+        self.call = store._retry  # the store's policy: transient errors retried as for every other call
+
+    def kind(self, kind: str, kind_fd: int, current_round: int, keep_last_n: int, archive: bool,
+             errors: list[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(rounds removed, rounds kept) of one kind directory; failures are appended to ``errors``."""
+        try:
+            names = fdtree.scan(kind_fd, ops=self.ops, call=self.call)
+        except OSError as err:
+            errors.append(f"{kind}: cannot list: {err}")
+            log.warning("retention_list_failed", kind=kind, error=str(err))
+            return (), ()
+        rounds = sorted({r for r in (parse_round_dir(n) for n, _ in names) if r is not None})
+        old = rounds_to_remove(rounds, current_round, keep_last_n)
+        done: list[int] = []
+        for r in old:
+            name = f"round_{r}"
+            try:
+                if archive:
+                    self.archive_round(kind_fd, name, self.store.layout.archive_dir(kind, r))
+                fdtree.remove_entry(kind_fd, name, ops=self.ops, call=self.call)
+            except (OSError, BadFile, ValueError) as err:
+                errors.append(f"{kind}/{name}: {type(err).__name__}: {err}")
+                log.warning("retention_round_failed", kind=kind, round=r, error=str(err))
                 continue
-            _archive_file(store, stage_src / name, dst / stage_name / name)
+            done.append(r)
+        return tuple(done), tuple(r for r in rounds if r not in old)
 
+    def archive_round(self, kind_fd: int, name: str, dst: Path) -> None:
+        """Copy every regular file of the round dir ``name`` (stage dirs kept) to ``dst``; raise if any copy
+        fails or any listing is unreachable (so the caller never deletes what it could not see). A round
+        entry that is a symlink or a plain file is not archived (and then deleted as such)."""
+        round_fd = self._open(kind_fd, name)
+        if round_fd is None:
+            return
+        try:
+            for stage_name, is_dir in fdtree.scan(round_fd, ops=self.ops, call=self.call):
+                stage_fd = self._open(round_fd, stage_name) if is_dir and parse_stage_dir(stage_name) is not None \
+                    else None
+                if stage_fd is None:
+                    log.warning("retention_entry_not_archived", path=f"{name}/{stage_name}",
+                                reason="not a stage directory")
+                    continue
+                try:
+                    for file_name, _ in fdtree.scan(stage_fd, ops=self.ops, call=self.call):
+                        if not file_name.startswith("."):  # temp files of interrupted writes
+                            self.archive_file(stage_fd, file_name, dst / stage_name / file_name)
+                finally:
+                    self.ops.close(stage_fd)
+        finally:
+            self.ops.close(round_fd)
 
-def _archive_file(store: SharedStore, src: Path, dst: Path) -> None:
-    st = store.lstat(src, raise_unreachable=True)
-    if st is None:  # deleted meanwhile
-        return
-    if not stat.S_ISREG(st.st_mode):
-        log.warning("retention_entry_not_archived", path=str(src), reason="not a regular file")
-        return
-    have = store.lstat(dst, raise_unreachable=True)
-    if have is not None and stat.S_ISREG(have.st_mode) and have.st_size == st.st_size:
-        return  # copied by an earlier, interrupted pass
-    try:
-        data = store.read_bytes_strict(src)
-    except FileNotFoundError:
-        return
-    except BadFile as bad:  # over the size cap, swapped for a symlink...: garbage, not archived
-        log.warning("retention_entry_not_archived", path=str(src), reason=bad.reason)
-        return
-    store.write_bytes_atomic(dst, data, retries=True)
+    def _open(self, dir_fd: int, name: str) -> int | None:
+        """The directory ``name`` in ``dir_fd``; None when it is gone, a symlink or no directory."""
+        try:
+            return fdtree.open_child(dir_fd, name, ops=self.ops, call=self.call)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if fdtree.is_not_a_dir(err):
+                return None
+            raise
+
+    def archive_file(self, stage_fd: int, name: str, dst: Path) -> None:
+        try:
+            data = fdtree.read_file_at(stage_fd, name, self.store.max_file_bytes, ops=self.ops, call=self.call)
+        except FileNotFoundError:  # deleted meanwhile
+            return
+        except BadFile as bad:  # a symlink, a fifo, over the size cap...: garbage, not archived
+            log.warning("retention_entry_not_archived", path=str(dst), reason=bad.reason)
+            return
+        have = self.store.lstat(dst, raise_unreachable=True)
+        if have is not None and stat.S_ISREG(have.st_mode) and have.st_size == len(data):
+            return  # copied by an earlier, interrupted pass
+        self.store.write_bytes_atomic(dst, data, retries=True)
