@@ -6,6 +6,10 @@ confinement, retries and the spool) and for local files (heartbeats, the spool i
 - :func:`write_atomic`: a temp file in the same directory, every byte written, fsync, ``os.replace``,
   fsync the directory. A reader never sees half a file of ours; the temp file is removed on failure.
 - :func:`append_bytes`: ``O_APPEND``, write, fsync; on failure the file is cut back to its old length.
+- Own paths are ours: with ``quarantine_dir`` given, whatever a peer planted at a path we write (a
+  directory, FIFO, socket, device, symlink, or, for appends, a hard link) is moved aside into it by
+  :func:`quarantine` (renamed, never followed or deleted; one ``own_path_quarantined`` warning) and the
+  write goes on into a fresh regular file. Without it such a path raises :class:`OwnPathTaken`.
 - :func:`read_capped` / :func:`iter_jsonl` / :func:`read_jsonl`: ``lstat`` first (no symlinks, regular
   files only, size cap), then ``O_NOFOLLOW|O_NONBLOCK`` and ``fstat`` again; a refused file raises
   :class:`BadFile`, a missing one FileNotFoundError.
@@ -21,11 +25,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import structlog
 
 from node.strict_json import parse_json_bytes
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 TEMP_SUFFIX = ".tmp"
 DEFAULT_MAX_JSONL_BYTES = 512 * 1024 * 1024
@@ -33,6 +44,13 @@ DEFAULT_MAX_JSONL_BYTES = 512 * 1024 * 1024
 _DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF, errno.EACCES, errno.EPERM})
 _READ_CHUNK = 1 << 20
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# O_NOFOLLOW: a symlink fails (ELOOP); O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of blocking.
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# What open(_APPEND_FLAGS) says when the path is not a regular file: a symlink, a directory, a FIFO
+# without a reader or a socket, a device without a driver.
+_PLANTED_ERRNOS = frozenset({errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP})
+# How many planted things one write moves aside before it gives up (someone keeps planting).
+MAX_SET_ASIDE = 3
 
 
 class RealFS:
@@ -68,6 +86,9 @@ class RealFS:
     def replace(self, src, dst) -> None:
         os.replace(src, dst)
 
+    def rename(self, src, dst) -> None:
+        os.rename(src, dst)
+
     def listdir(self, path) -> list[str]:
         return os.listdir(path)
 
@@ -94,12 +115,28 @@ class BadFile(Exception):
         self.signature = signature
 
 
+class OwnPathTaken(OSError):
+    """Something that is not our regular file sits at a path only we write: ``reason`` says what
+    ("directory", "fifo", "symlink", "hard link (2 links)", ...). The errno is what the plain write met
+    (EISDIR, ELOOP, ENXIO) or EMLINK for a hard link."""
+
+    def __init__(self, err: int, reason: str, path: Path):
+        super().__init__(err, f"{reason} at own path, not our regular file", str(path))
+        self.reason = reason
+
+
 # -- writes -------------------------------------------------------------------------------------------
-def write_atomic(path: Path | str, data: bytes, *, fs: Any = REAL_FS, durable: bool = True) -> None:
+def write_atomic(path: Path | str, data: bytes, *, fs: Any = REAL_FS, durable: bool = True,
+                 quarantine_dir: Path | str | None = None) -> None:
     """Replace ``path`` with ``data`` atomically: temp file in the same directory (the parent is created),
     write every byte, fsync, ``os.replace``, fsync the directory. On any failure the temp file is removed
     and the old content (if any) is intact. ``durable=False`` skips both fsyncs, for files whose loss in a
-    power cut is harmless (heartbeats)."""
+    power cut is harmless (heartbeats).
+
+    With ``quarantine_dir``, anything at ``path`` that is not a regular file (a directory, FIFO, socket,
+    symlink, device) is first moved aside into it (:func:`quarantine`). A hard-linked regular file needs
+    nothing: the replace gives ``path`` a new inode and the other link keeps the old one untouched.
+    Without it a directory there fails the replace (EISDIR) and anything else is replaced."""
     p = Path(path)
     fs.makedirs(p.parent, exist_ok=True)
     tmp = p.parent / f".{p.name[:100]}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
@@ -110,6 +147,8 @@ def write_atomic(path: Path | str, data: bytes, *, fs: Any = REAL_FS, durable: b
             _write_all(fs, fd, data, tmp, fsync=durable)
         finally:
             fs.close(fd)
+        if quarantine_dir is not None:
+            _own_path(fs, p, quarantine_dir, lambda: _check_replaceable(fs, p))
         fs.replace(tmp, p)
         replaced = True
     finally:
@@ -122,15 +161,22 @@ def write_atomic(path: Path | str, data: bytes, *, fs: Any = REAL_FS, durable: b
         fsync_dir(p.parent, fs=fs)
 
 
-def append_bytes(path: Path | str, data: bytes, *, fs: Any = REAL_FS) -> None:
+def append_bytes(path: Path | str, data: bytes, *, fs: Any = REAL_FS,
+                 quarantine_dir: Path | str | None = None) -> None:
     """Append ``data`` (``O_APPEND``, every byte, fsync; the parent is created). On failure the file is
     cut back to its old length (best effort), so a retry does not leave half a line behind. Two writers
-    must hold a lock: the cut-back assumes nobody appended meanwhile."""
+    must hold a lock: the cut-back assumes nobody appended meanwhile.
+
+    Only a regular file with one link is written (opened with ``O_NOFOLLOW|O_NONBLOCK``, then checked
+    with ``fstat``): never a FIFO (with or without a reader), socket, device, directory, symlink, or a
+    file hard-linked from elsewhere. With ``quarantine_dir`` such a thing is moved aside into it
+    (:func:`quarantine`) and the append goes to a fresh file; for a hard link our name is moved, so the
+    file's earlier lines (the node's history before the planting) are in quarantine, and the other
+    link's file is never written. Without it :class:`OwnPathTaken` is raised."""
     p = Path(path)
     fs.makedirs(p.parent, exist_ok=True)
-    fd = fs.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    fd, start = _own_path(fs, p, quarantine_dir, lambda: _open_for_append(fs, p))
     try:
-        start = fs.fstat(fd).st_size
         try:
             _write_all(fs, fd, data, p, fsync=True)
         except BaseException:
@@ -141,6 +187,98 @@ def append_bytes(path: Path | str, data: bytes, *, fs: Any = REAL_FS) -> None:
             raise
     finally:
         fs.close(fd)
+
+
+def quarantine(path: Path | str, quarantine_dir: Path | str, reason: str, *, fs: Any = REAL_FS) -> Path | None:
+    """Move whatever is at ``path`` into ``quarantine_dir`` (created; it must be a real directory, not a
+    symlink) as ``<path relative to the quarantine's parent, '/' -> '__'>.<UTC time>.<random>``, and log
+    one ``own_path_quarantined`` warning. A rename, so nothing is followed or deleted: a symlink moves as
+    the link, a directory with its contents, a hard link as our name only. Returns the new path, or None
+    when nothing was there any more. A failed move (EXDEV: the quarantine is on another filesystem;
+    EACCES; ...) raises an OSError naming ``path``, with the errno of the failure."""
+    p, q = Path(path), Path(quarantine_dir)
+    dest = q / _quarantine_name(p, q)
+    try:
+        fs.makedirs(q, exist_ok=True)
+        if not stat.S_ISDIR(fs.lstat(q).st_mode):
+            raise OSError(errno.ENOTDIR, "not a real directory", str(q))
+        fs.rename(p, dest)
+    except FileNotFoundError:
+        return None  # gone meanwhile (or the quarantine was): nothing moved; the caller looks again
+    except OSError as err:
+        raise OSError(err.errno, f"cannot move the {reason} at own path {p} aside into {q}: "
+                                 f"{err.strerror or err}", str(p)) from err
+    log.warning("own_path_quarantined", path=str(p), reason=reason, moved_to=str(dest))
+    return dest
+
+
+def _quarantine_name(p: Path, q: Path) -> str:
+    base, full = os.path.normpath(q.parent), os.path.normpath(p)
+    rel = full[len(base):] if full.startswith(base.rstrip(os.sep) + os.sep) else full
+    flat = rel.strip(os.sep).replace(os.sep, "__")[-160:]  # the tail names the node and the file
+    return f"{flat}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{uuid.uuid4().hex[:12]}"
+
+
+def _own_path(fs: Any, p: Path, quarantine_dir: Path | str | None, attempt: Callable[[], T]) -> T:
+    """``attempt()``; while it raises :class:`OwnPathTaken`, move the planted thing aside and try again
+    (at most :data:`MAX_SET_ASIDE` times). Without ``quarantine_dir`` OwnPathTaken propagates."""
+    for _ in range(MAX_SET_ASIDE):
+        try:
+            return attempt()
+        except OwnPathTaken as taken:
+            if quarantine_dir is None:
+                raise
+            quarantine(p, quarantine_dir, taken.reason, fs=fs)
+    return attempt()
+
+
+def _open_for_append(fs: Any, p: Path) -> tuple[int, int]:
+    """(fd, size) of ``p`` opened for appending, checked to be a regular file with one link; else
+    :class:`OwnPathTaken` (nothing written)."""
+    try:
+        fd = fs.open(p, _APPEND_FLAGS, 0o644)
+    except OSError as err:
+        if err.errno in _PLANTED_ERRNOS:
+            try:
+                st = fs.lstat(p)
+            except OSError:
+                raise err from None
+            _refuse_foreign(st, p)
+        raise
+    try:
+        st = fs.fstat(fd)
+        _refuse_foreign(st, p, links=True)
+    except BaseException:
+        fs.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _check_replaceable(fs: Any, p: Path) -> None:
+    """Nothing, or a regular file (any number of links), at ``p``; else :class:`OwnPathTaken`."""
+    try:
+        st = fs.lstat(p)
+    except FileNotFoundError:
+        return
+    _refuse_foreign(st, p)
+
+
+# (test of st_mode, what it is, the errno OwnPathTaken carries)
+_FOREIGN_KINDS = ((stat.S_ISLNK, "symlink", errno.ELOOP), (stat.S_ISDIR, "directory", errno.EISDIR),
+                  (stat.S_ISFIFO, "fifo", errno.ENXIO), (stat.S_ISSOCK, "socket", errno.ENXIO),
+                  (stat.S_ISCHR, "device", errno.ENXIO), (stat.S_ISBLK, "device", errno.ENXIO))
+
+
+def _refuse_foreign(st: os.stat_result, p: Path, *, links: bool = False) -> None:
+    """Raise :class:`OwnPathTaken` unless ``st`` is a regular file, with at most one link if ``links``
+    (0 is let through: some FUSE filesystems do not count links)."""
+    if stat.S_ISREG(st.st_mode):
+        if links and st.st_nlink > 1:
+            raise OwnPathTaken(errno.EMLINK, f"hard link ({st.st_nlink} links)", p)
+        return
+    reason, code = next(((name, code) for is_kind, name, code in _FOREIGN_KINDS if is_kind(st.st_mode)),
+                        ("not a regular file", errno.ENXIO))
+    raise OwnPathTaken(code, reason, p)
 
 
 def _write_all(fs: Any, fd: int, data: bytes, path: Path, *, fsync: bool) -> None:

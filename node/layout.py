@@ -11,6 +11,8 @@ Paths relative to the experiment directory ``<root>/experiments/<name>/``::
     checkpoints/round_R/<node>.pt         that node
     logs/<node>/metrics.jsonl             that node
     logs/<node>/training_events.jsonl     that node
+    quarantine/                           what a peer planted at a node's own path, moved aside
+                                          (node.fsio.quarantine; never read, never deleted by us)
 
 and beside ``experiments/``: ``<root>/archives/<name>/{rollouts,rewards}/round_R/`` (retention).
 
@@ -186,6 +188,12 @@ class ExperimentLayout:
         """``logs/<node>/training_events.jsonl``."""
         return _inside(self.root, self.log_dir(node_id) / "training_events.jsonl")
 
+    # -- quarantine -----------------------------------------------------------------------------------
+    def quarantine_dir(self) -> Path:
+        """``quarantine/``: where a node moves what it finds planted at its own paths (a directory, FIFO,
+        symlink, hard link, ...), so a write goes on into a fresh file and nothing is deleted."""
+        return self._p("quarantine")
+
     # -- archives -------------------------------------------------------------------------------------
     def archive_dir(self, kind: str, round: int) -> Path:
         """``<shared>/archives/<name>/<kind>/round_R`` for kind in :data:`ARCHIVE_KINDS`."""
@@ -204,7 +212,7 @@ class ExperimentLayout:
         """The directories every experiment has (what :meth:`ensure_dirs` creates)."""
         return (
             self.state_dir(), self.supervisor_dir(), self.peers_dir(), self._p("rollouts"), self._p("rewards"),
-            self._p("checkpoints"), self.logs_dir(),
+            self._p("checkpoints"), self.logs_dir(), self.quarantine_dir(),
         )
 
     def ensure_dirs(self, makedirs: Callable[..., None] = os.makedirs) -> None:
