@@ -2,14 +2,17 @@
 
 The logs are local runtime files (``<runtime dir>/logs``) written by our own processes: structlog JSON
 lines (``<node>.log``, ``supervisor.log``, rotated as ``.1``, ``.2``...) and what a node printed on
-stderr/stdout (tracebacks). JSON lines are parsed leniently (Python's ``json``, which takes the NaN a
-structlog value may hold): this is display, not the shared-dir exchange. Every value is escaped
-(:func:`supervisor.terminal.escape_controls`).
+stderr/stdout (tracebacks). Each file is read through :mod:`node.fsio`'s checked open (:func:`read_end`:
+regular files only, ``O_NOFOLLOW|O_NONBLOCK``, only the end of a long file): a symlink, FIFO or device
+there is one "skipped" line on stderr, never a hang. JSON lines are parsed leniently (Python's ``json``,
+which takes the NaN a structlog value may hold): this is display, not the shared-dir exchange. Every value
+is escaped (:func:`supervisor.terminal.escape_controls`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -18,8 +21,8 @@ from typing import Callable
 
 from rich.console import Console
 
+from node import fsio
 from node.logs import rotated_files
-from supervisor import procs
 from supervisor.launch import node_names
 from supervisor.runfiles import RuntimePaths
 from supervisor.terminal import Line, escape_controls, pad, plain, styled
@@ -28,6 +31,7 @@ LogFile = tuple[str, Path, bool]  # (label, path, skip JSON lines: they are in t
 LEVEL_STYLES = {"critical": "bold red", "error": "bold red", "warning": "yellow", "debug": "dim"}
 LABEL_STYLES = ("cyan", "green", "magenta", "blue", "yellow", "bright_cyan", "bright_green", "bright_magenta")
 _NOISE = ("logger", "pid", "node_id", "role")
+FOLLOW_MAX_BYTES = 16 * 1024 * 1024  # read per file per poll at most; beyond it, the start of a burst is lost
 
 
 class UnknownNode(LookupError):
@@ -42,7 +46,7 @@ def _json_object(text: str) -> dict | None:
         return None
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands of levels deep
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -83,12 +87,51 @@ def _line_time(line: str) -> float | None:
     obj = _json_object(line)
     try:
         return datetime.fromisoformat(str(obj["timestamp"]).replace("Z", "+00:00")).timestamp()
-    except (ValueError, KeyError, TypeError):  # TypeError: not an object
+    except (ValueError, KeyError, TypeError, OverflowError, OSError):  # TypeError: not an object; the others:
+        return None  # a date the platform's clock functions cannot convert (year 1, local time)
         return None
 
 
 def _is_json_line(line: str) -> bool:
     return line.startswith("{") and line.rstrip().endswith("}")
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_end(path: Path, *, max_bytes: int, start: int = 0) -> tuple[bytes, int, int]:
+    """``(data, begin, size)``: the bytes of ``path`` from ``begin = max(start, size - max_bytes)`` to the
+    size it had when opened. Opened through :mod:`node.fsio`'s checked open (``lstat``, ``O_NOFOLLOW|
+    O_NONBLOCK``, ``fstat``): a symlink, FIFO, device or directory raises :class:`node.fsio.BadFile`
+    without blocking; a missing file raises FileNotFoundError."""
+    fd, _ = fsio._open_regular(fsio.REAL_FS, Path(path), None)  # noqa: SLF001 - fsio's one checked open
+    try:
+        size = os.fstat(fd).st_size
+        begin = pos = max(start, size - max_bytes, 0)
+        chunks = []
+        while pos < size and (chunk := os.pread(fd, min(1 << 20, size - pos), pos)):
+            chunks.append(chunk)
+            pos += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks), begin, size
+
+
+def tail_text(path: Path, *, max_bytes: int = 8192, lines: int = 20, start: int = 0) -> str:
+    """The last ``lines`` lines of ``path`` (:func:`read_end`: at most ``max_bytes`` from its end, nothing
+    before offset ``start``); "" when it is missing. A refused file raises :class:`node.fsio.BadFile`."""
+    try:
+        data, begin, _ = read_end(path, max_bytes=max_bytes, start=start)
+    except FileNotFoundError:
+        return ""
+    parts = data.decode("utf-8", errors="replace").splitlines()
+    if begin > start and parts:
+        parts = parts[1:]  # we started mid-line
+    return "\n".join(parts[-lines:]) if lines > 0 else ""
+
+
+def warn_skipped(path: Path, reason: str) -> None:
+    """One line on stderr for a log file that is not read (escaped: the name may be hostile)."""
+    print(escape_controls(f"swarm logs: skipped {path}: {reason}"), file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- the files
@@ -124,16 +167,24 @@ def with_rotated(files: list[LogFile]) -> list[LogFile]:
     return old + files
 
 
-def merged_tail(files: list[LogFile], lines: int) -> list[tuple[str, str]]:
-    """The last ``lines`` lines over all files, ordered by their timestamps where they have one."""
+def merged_tail(files: list[LogFile], lines: int,
+                skipped: Callable[[Path, str], None] = warn_skipped) -> list[tuple[str, str]]:
+    """The last ``lines`` lines over all files, ordered by their timestamps where they have one; a file
+    that cannot be read goes to ``skipped(path, reason)``."""
     entries = []
     for order, (label, path, skip_json) in enumerate(files):
-        text = procs.tail_file(path, max_bytes=max(65536, lines * 400), lines=lines)
+        try:
+            text = tail_text(path, max_bytes=max(65536, lines * 400), lines=lines)
+            mtime = path.lstat().st_mtime if text else 0.0
+        except fsio.BadFile as err:
+            skipped(path, err.reason)
+            continue
+        except OSError as err:
+            skipped(path, err.strerror or type(err).__name__)
+            continue
         stamps = (t for t in map(_line_time, text.splitlines()) if t is not None)
-        try:  # lines before the first timestamp: that timestamp, or the file's mtime when it has none
-            last = next(stamps, None) or path.stat().st_mtime
-        except OSError:
-            last = 0.0
+        # Lines before the first timestamp: that timestamp, or the file's mtime when it has none.
+        last = next(stamps, None) or mtime
         for i, line in enumerate(text.splitlines()):
             ts = _line_time(line)
             last = ts if ts is not None else last  # a traceback sorts with the JSON line before it
@@ -144,31 +195,57 @@ def merged_tail(files: list[LogFile], lines: int) -> list[tuple[str, str]]:
     return [(e[3], e[4]) for e in entries[-lines:]] if lines > 0 else []
 
 
+def _read_new(path: Path, offset: int) -> tuple[bytes, int, int]:
+    """(new bytes, where they begin, size) of a followed file; a file cut below ``offset`` (truncated, or
+    replaced by a smaller one) is read from its start; a missing one is empty."""
+    try:
+        data, begin, size = read_end(path, max_bytes=FOLLOW_MAX_BYTES, start=offset)
+        if size < offset:
+            data, begin, size = read_end(path, max_bytes=FOLLOW_MAX_BYTES)
+    except FileNotFoundError:
+        return b"", 0, 0
+    return data, begin, size
+
+
 def follow(files: list[LogFile], emit: Callable[[str, str], None], *, poll_s: float = 0.25,
-           should_stop: Callable[[], bool] = lambda: False, from_end: bool = True) -> None:
-    """Emit new complete lines of every file as they arrive (a truncated file starts over)."""
-    offsets = {path: (procs.file_size(path) if from_end else 0) for _, path, _ in files}
+           should_stop: Callable[[], bool] = lambda: False, from_end: bool = True,
+           skipped: Callable[[Path, str], None] = warn_skipped) -> None:
+    """Emit new complete lines of every file as they arrive (a truncated file starts over); a file that
+    cannot be read goes to ``skipped(path, reason)`` once per reason."""
+    offsets = {path: (_regular_size(path) if from_end else 0) for _, path, _ in files}
     partial: dict[Path, bytes] = {path: b"" for _, path, _ in files}
+    refused: dict[Path, str] = {}
     while not should_stop():
         for label, path, skip_json in files:
-            size = procs.file_size(path)
-            if size < offsets[path]:
-                offsets[path], partial[path] = 0, b""
-            if size == offsets[path]:
-                continue
             try:
-                with open(path, "rb") as f:
-                    f.seek(offsets[path])
-                    data = f.read(size - offsets[path])
-            except OSError:
+                data, begin, _ = _read_new(path, offsets[path])
+            except (fsio.BadFile, OSError) as err:
+                reason = err.reason if isinstance(err, fsio.BadFile) else (err.strerror or type(err).__name__)
+                if refused.get(path) != reason:
+                    refused[path] = reason
+                    skipped(path, reason)
                 continue
-            offsets[path] += len(data)
+            refused.pop(path, None)
+            if begin != offsets[path]:  # started over, or more than FOLLOW_MAX_BYTES arrived: no partial line
+                partial[path] = b""
+            offsets[path] = begin + len(data)
+            if not data:
+                continue
             *complete, partial[path] = (partial[path] + data).split(b"\n")
             for raw in complete:
                 line = raw.decode("utf-8", errors="replace")
                 if not (skip_json and _is_json_line(line)):
                     emit(label, line)
         time.sleep(poll_s)
+
+
+def _regular_size(path: Path) -> int:
+    """The size of ``path`` when it is a regular file now (following starts there), else 0; never opens it."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0
+    return st.st_size if fsio.entry_problem(st) is None else 0
 
 
 # --------------------------------------------------------------------------- printing
@@ -198,8 +275,8 @@ def show_logs(paths: RuntimePaths, config, *, node: str | None, lines: int, keep
     files = log_files(paths, config, node)
     history = with_rotated(files)
     emit = printer(files, console)
-    if not any(path.exists() for _, path, _ in history):
-        print(f"No logs yet in {paths.logs_dir}.", file=sys.stderr)
+    if not any(os.path.lexists(path) for _, path, _ in history):
+        print(escape_controls(f"No logs yet in {paths.logs_dir}."), file=sys.stderr)
         if not keep_following:
             return 0
     for label, line in merged_tail(history, lines):

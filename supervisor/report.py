@@ -6,7 +6,8 @@
 :func:`build_report` reads each experiment (:mod:`supervisor.report_data`), draws the figures
 (:mod:`supervisor.report_plots`) and writes the table (:mod:`supervisor.report_table`, which defines
 the numbers) as ``report.md`` and ``report.json``; :func:`run` is the command. Works on running
-experiments. This module never imports torch.
+experiments. What it prints is escaped (:func:`supervisor.terminal.escape_controls`): labels, paths and
+the "skipped" warnings come from an untrusted directory. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Iterable, Sequence
 from supervisor.report_data import ExperimentData, ReportError, load_experiment
 from supervisor.report_plots import comparison_plots, experiment_plots
 from supervisor.report_table import ExperimentSummary, Report, render_markdown, report_json, summarise
+from supervisor.terminal import escape_controls
 
 DESCRIPTION = ("Plots and a table of cumulative reward per configuration (change vs the J=0 one) for SAPO "
                "experiments, given as config files or experiment directories; works on running experiments.")
@@ -45,8 +47,6 @@ def _usable(loaded: Sequence[ExperimentData], warnings: list[str]) -> list[Exper
             warnings.append(f"{data.label}: no metrics yet in {data.experiment_dir / 'logs'}; left out")
         else:
             usable.append(data)
-        if data.skipped_lines:
-            warnings.append(f"{data.label}: skipped {data.skipped_lines} unreadable or foreign line(s)")
         if data.duplicate_lines:
             warnings.append(f"{data.label}: ignored {data.duplicate_lines} repeated (node, round) line(s)")
     return usable
@@ -103,11 +103,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = build_report(args.experiments, args.out, overrides=args.set)
     except ReportError as err:
-        print(f"report: {err}", file=sys.stderr)
+        print(escape_controls(f"report: {err}"), file=sys.stderr)
         return 2
     table = render_markdown(report).split("\n## Plots")[0]
-    print(table.rstrip())
-    print(f"\nwrote {report.markdown}, {report.json} and {len(report.plots)} plot(s) in {report.out_dir}")
+    print("\n".join(map(escape_controls, table.rstrip().split("\n"))))
+    print()
+    print(escape_controls(f"wrote {report.markdown}, {report.json} and {len(report.plots)} plot(s) in {report.out_dir}"))
     return 0
 
 

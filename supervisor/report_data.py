@@ -8,23 +8,25 @@ last line or any unparseable line is skipped, a node without files is simply abs
 (node, round) line keeps its first occurrence (the one the worker wrote when it trained that round).
 
 Everything under the experiment directory is untrusted (other machines write it). A file that is a
-symlink, a FIFO or a device, a config snapshot that is too large or not strict JSON, a metrics line that
-is not a :class:`node.schemas.MetricsLine`: each becomes one line in the report's warnings and is left
-out, never a traceback. A number too large for a float (a 401-digit integer) reads as unknown.
+symlink, a FIFO or a device, a config snapshot that is too large or not strict JSON: each becomes one
+"skipped" line in the report's warnings and is left out, never a traceback or a hang. Lines that are not
+JSON objects, metrics lines that are not a :class:`node.schemas.MetricsLine`, and lines holding a number
+out of bounds (:func:`supervisor.terminal.number_problem`: a 401-digit integer, ``1e300``) are left out
+with one warning per file naming the first one and why. Names and reasons in the warnings are escaped.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from node.config import plain_name_problem, resolve_config  # no torch: node.config is shared with the supervisor
-from node.fsio import BadFile, read_capped, read_jsonl
+from node.fsio import BadFile, iter_jsonl, read_capped
 from node.schemas import validate_metrics_line
 from node.strict_json import parse_json_bytes
 from sapo.config import ConfigError
+from supervisor.terminal import escape_controls, finite_number, number_problem, short_value
 
 CONFIG_SNAPSHOT_MAX_BYTES = 16 * 1024 * 1024  # a snapshot is a few KiB; this is a sanity cap
 MAX_COUNT = 2 ** 63 - 1  # the largest round, I, J or G we take (node.schemas' Count)
@@ -33,18 +35,6 @@ SNAPSHOT_COUNTS = ("num_train_samples", "num_transplant_trees", "num_generations
 
 class ReportError(ValueError):
     """A user mistake (no such config or directory, nothing to report); the CLI prints it and exits 2."""
-
-
-def finite_number(value: Any) -> float | None:
-    """``value`` as a float when it is a finite JSON number (not a bool); None otherwise, also for an
-    integer too large for a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        value = float(value)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def count_or_none(value: Any) -> int | None:
@@ -120,9 +110,7 @@ class ExperimentData:
             where = path.relative_to(self.experiment_dir).as_posix()
         except ValueError:
             where = str(path)
-        if not where.isprintable():  # a hostile name must not break the one-line note
-            where = ascii(where)
-        self.notes.append(f"{self.label}: skipped {where}: {reason}")
+        self.notes.append(escape_controls(f"{self.label}: skipped {where}: {reason}"))  # a hostile name stays one line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,15 +148,7 @@ def _snapshot_counts(data: ExperimentData, sapo: dict, exp: dict) -> None:
         setattr(data, key, counted)
         if value is not None and counted is None:
             data.notes.append(f"{data.label}: state/config.json: {section}.{key} is not an integer in "
-                              f"[0, 2**63 - 1] ({_shown(value)}); ignored")
-
-
-def _shown(value: Any) -> str:
-    """A short rendering of an untrusted value for a one-line note."""
-    if type(value) is int and abs(value) >= 10 ** 30:
-        return f"a {len(str(abs(value)))}-digit integer"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+                              f"[0, 2**63 - 1] ({short_value(value)}); ignored")
 
 
 def _from_directory(path: Path, source: str) -> ExperimentData:
@@ -177,7 +157,7 @@ def _from_directory(path: Path, source: str) -> ExperimentData:
         why = f"state/config.json refused: {problem};" if problem else "no state/config.json"
         raise ReportError(f"{path}: not an experiment directory ({why} and no logs/)")
     name = exp.get("name")
-    label = name if isinstance(name, str) and plain_name_problem(name) is None else path.name
+    label = name if isinstance(name, str) and plain_name_problem(name) is None else escape_controls(path.name)
     data = ExperimentData(label=label, source=source, experiment_dir=path)
     if problem:
         data.skip(path / "state" / "config.json", problem)
@@ -201,7 +181,7 @@ def _from_config(path: Path, source: str, overrides: Sequence[str]) -> Experimen
     for key in SNAPSHOT_COUNTS:
         if key in recorded and recorded[key] != getattr(config.sapo, key):
             data.notes.append(f"{data.label}: sapo.{key} is {getattr(config.sapo, key)} in {path} but "
-                              f"{_shown(recorded[key])} in the experiment's state/config.json; the table uses "
+                              f"{short_value(recorded[key])} in the experiment's state/config.json; the table uses "
                               "the config")
     return data
 
@@ -221,38 +201,59 @@ def resolve_source(source: str | Path, overrides: Sequence[str] = ()) -> Experim
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_rows(data: ExperimentData, path: Path) -> list[dict]:
-    """The JSON-object lines of ``path`` (:func:`node.fsio.read_jsonl`); bad lines are counted as skipped,
-    a refused or unreadable file is noted and gives none."""
+def _read_rows(data: ExperimentData, path: Path, check: Callable[[dict], Any]) -> list[dict]:
+    """The lines of ``path`` (:func:`node.fsio.iter_jsonl`) that are JSON objects with every number in
+    bounds and pass ``check`` (ValueError: why not). The others are counted in ``skipped_lines`` and noted
+    once per file with the first one's reason; a refused or unreadable file is noted and gives none."""
+    rows: list[dict] = []
+    bad, first = 0, ""
     try:
-        rows, bad = read_jsonl(path)
+        for number, value in iter_jsonl(path):
+            try:
+                if isinstance(value, Exception):
+                    raise value
+                if not isinstance(value, dict):
+                    raise ValueError("not a JSON object")
+                problem = number_problem(value)
+                if problem:
+                    raise ValueError(problem)
+                check(value)
+            except ValueError as err:
+                bad += 1
+                first = first or f"line {number}: {err}"
+                continue
+            rows.append(value)
     except BadFile as err:
         data.skip(path, err.reason)
         return []
     except OSError as err:
         data.skip(path, err.strerror or type(err).__name__)
         return []
-    data.skipped_lines += bad
+    if bad:
+        data.skipped_lines += bad
+        data.skip(path, f"{bad} line(s) left out; the first, {first}")
     return rows
+
+
+def _event_line(node: str) -> Callable[[dict], None]:
+    def check(line: dict) -> None:
+        if line.get("node_id") != node or not isinstance(line.get("event"), str):
+            raise ValueError(f"not an event of {node} (node_id and event)")
+    return check
 
 
 def _load_node(data: ExperimentData, node_dir: Path) -> None:
     node = node_dir.name
     per_node: dict[int, dict] = {}
-    for line in _read_rows(data, node_dir / "metrics.jsonl"):
-        try:
-            validate_metrics_line(line, expect_node=node)
-        except ValueError:  # another node's line, no round, a round beyond 2**63 - 1, too deep...
-            data.skipped_lines += 1
-            continue
+    # another node's line, no round, a round beyond 2**63 - 1, too deep...: SchemaError (a ValueError)
+    for line in _read_rows(data, node_dir / "metrics.jsonl", lambda x: validate_metrics_line(x, expect_node=node)):
         if line["round"] in per_node:
             data.duplicate_lines += 1
             continue
         per_node[line["round"]] = line
     if per_node:
         data.metrics[node] = per_node
-    events = [e for e in _read_rows(data, node_dir / "training_events.jsonl")
-              if e.get("node_id") == node and isinstance(e.get("event"), str)]
+    events = _read_rows(data, node_dir / "training_events.jsonl", _event_line(node))
     if events:
         data.events[node] = events
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from supervisor.report_data import ExperimentData, finite_number
+from supervisor.report_data import ExperimentData
+from supervisor.terminal import finite_number
 from supervisor.report_table import moving_window, per_round_mean, trailing_mean
 
 TIMING_KEYS = ("sample_s", "generate_s", "score_s", "publish_s", "wait_s", "fetch_s", "select_s", "train_s")

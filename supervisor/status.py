@@ -5,17 +5,20 @@
 :func:`launch_complete` say where the supervisor as a whole is. :class:`StatusFile` rewrites the file at
 once when something lasting changed (a state, a pid, a restart, a failure, a GPU figure) and otherwise
 every :data:`STATUS_REFRESH_S`, so ages, rounds, rewards and CPU figures stay fresh without a rewrite
-every tick. :func:`read_status` is the reader's side. The human table lives in ``supervisor/statusview.py``.
+every tick. :func:`read_status` is the reader's side, through :mod:`node.fsio` and strict JSON like any file
+of the runtime dir (a FIFO or a symlink there reads as no status, never a hang). The human table lives in
+``supervisor/statusview.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from node import fsio
+from node.strict_json import parse_json_bytes
 from supervisor.runfiles import RuntimePaths, write_json_atomic
 from supervisor.states import NodeState
 
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 
 S = NodeState
 STATUS_VERSION = 1
+STATUS_MAX_BYTES = 16 * 1024 * 1024  # a status is a few KiB per node; this is a sanity cap
 STATUS_REFRESH_S = 5.0  # rewrite at least this often while nothing lasting changes (cli warns after 60 s)
 # Figures that change all the time: a change in these alone waits for the next refresh.
 PASSING_TOP = ("updated_at", "summary", "round")
@@ -34,11 +38,11 @@ PASSING_NESTED = {"supervisor": ("rss_bytes", "cpu_percent"), "gpu": ("utilizati
 
 
 def read_status(paths: RuntimePaths) -> dict | None:
-    """The last ``status.json`` written, or None."""
+    """The last ``status.json`` written, or None (missing, refused by :func:`node.fsio.read_capped`, or not
+    strict JSON)."""
     try:
-        with open(paths.status_file, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
+        obj = parse_json_bytes(fsio.read_capped(paths.status_file, STATUS_MAX_BYTES)[0])
+    except (OSError, ValueError, fsio.BadFile):
         return None
     return obj if isinstance(obj, dict) else None
 

@@ -4,6 +4,11 @@
 table's cells, every value escaped); :func:`render_status` prints it as plain text (``swarm status`` into
 a pipe or a file, the tests) and :func:`status_renderable` as a rich table (a terminal, and the live
 display of :mod:`supervisor.live`).
+
+``status.json`` lives in the runtime dir, so it is read like any other untrusted file: a field of the
+wrong type shows as ``-`` (:func:`_dict`, :func:`_list`), a number out of bounds (a 401-digit integer) as
+``?`` (:func:`supervisor.terminal.finite_number`), and a node's stderr is tailed through
+:func:`supervisor.logview.tail_text` (a FIFO there is a "skipped" line, never a hang).
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from supervisor import procs
-from supervisor.logview import log_lines
-from supervisor.terminal import Line, Segment, escape_controls, plain, styled
+from node.fsio import BadFile
+from supervisor.logview import log_lines, tail_text
+from supervisor.terminal import Line, Segment, escape_controls, finite_number, plain, styled
 
 STALE_STATUS_S = 60.0  # a running supervisor rewrites status.json at least every 5 s (supervisor.status)
 HEADER = ("NODE", "STATE", "PID", "ROUND", "PHASE", "BEAT", "RESTARTS", "REWARD", "RSS", "CPU%", "GPU MEM",
@@ -30,9 +35,13 @@ GPU_UNKNOWN_NOTE = ("GPU MEM ?: NVML does not report this process's memory here 
                     "cannot list the processes); the budget is not checked")
 
 
-def fmt_bytes(n: int | float | None) -> str:
-    if n is None:
+def fmt_bytes(value: object) -> str:
+    """``300.0M``; ``-`` for None, ``?`` for anything that is not a bounded number."""
+    if value is None:
         return "-"
+    n = finite_number(value)
+    if n is None:
+        return "?"
     for unit in ("B", "K", "M", "G", "T"):
         if abs(n) < 1024 or unit == "T":
             return f"{n:.0f}{unit}" if unit in ("B", "K") else f"{n:.1f}{unit}"
@@ -40,9 +49,13 @@ def fmt_bytes(n: int | float | None) -> str:
     return "-"
 
 
-def fmt_age(seconds: float | None) -> str:
-    if seconds is None:
+def fmt_age(value: object) -> str:
+    """``4.2s``, ``3.0m``, ``1.5h``; ``-`` for None, ``?`` for anything that is not a bounded number."""
+    if value is None:
         return "-"
+    seconds = finite_number(value)
+    if seconds is None:
+        return "?"
     if seconds < 60:
         return f"{seconds:.1f}s"
     if seconds < 3600:
@@ -63,6 +76,29 @@ def _text(value: object, style: str = "") -> Line:
     return [(escape_controls(value), style)]
 
 
+def _dict(value: object) -> dict:
+    """``value`` when it is a dict, else ``{}`` (a field of the wrong type reads as absent)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: object) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _fixed(value: object, fmt: str) -> str:
+    """``value`` formatted with ``fmt`` (``.3f``); ``-`` for None, ``?`` when it is not a bounded number."""
+    if value is None:
+        return "-"
+    number = finite_number(value)
+    return "?" if number is None else format(number, fmt)
+
+
+def _age(st: dict, now: float) -> float | None:
+    """Seconds since ``updated_at`` (None: absent or not a bounded number)."""
+    updated = finite_number(st.get("updated_at"))
+    return None if updated is None else now - updated
+
+
 def _head(st: dict | None, running_pid: int | None, runtime_dir: Path, experiment: str, now: float) -> list[Line]:
     """Who runs (or ran) and in what state; a warning when status.json is stale."""
     if running_pid is None:
@@ -70,25 +106,26 @@ def _head(st: dict | None, running_pid: int | None, runtime_dir: Path, experimen
         if st is None:
             return out + [_text("No status file either: it was never launched from this machine, or with another "
                                 "$SWARM_RUNTIME_DIR / experiment.root.")]
-        age, code = now - float(st.get("updated_at") or now), st.get("exit_code")
-        return out + [_text(f"Last status, written {fmt_age(age)} ago by pid {st.get('supervisor', {}).get('pid')}: "
+        age, code = _age(st, now), st.get("exit_code")
+        return out + [_text(f"Last status, written {fmt_age(age)} ago by pid {_dict(st.get('supervisor')).get('pid')}: "
                             f"{st.get('state')}" + (f", exit code {code}" if code is not None else
                                                     " (it did not exit cleanly: killed, or the machine went down)"))]
-    sup = (st or {}).get("supervisor", {})
+    sup = _dict((st or {}).get("supervisor"))
     out = [_text(f"Supervisor pid {running_pid} for experiment {experiment!r}: {(st or {}).get('state', '?')}"
-                 f"  (supervisor cpu {sup.get('cpu_percent', '-')}%, rss {fmt_bytes(sup.get('rss_bytes'))})", "bold")]
+                 f"  (supervisor cpu {_fixed(sup.get('cpu_percent'), '.1f')}%, rss {fmt_bytes(sup.get('rss_bytes'))})",
+                 "bold")]
     if st is None:
         return out + [_text("(no status file yet)")]
-    age = now - float(st.get("updated_at") or now)
-    if age > STALE_STATUS_S:
+    age = _age(st, now)
+    if age is not None and age > STALE_STATUS_S:
         out.append(_text(f"WARNING: status.json was last written {fmt_age(age)} ago: the supervisor's loop may be "
                          f"stuck (py-spy dump --pid {running_pid})", "bold yellow"))
     return out
 
 
 def _summary(st: dict) -> list[Line]:
-    launch, gpu = st.get("launch") or {}, st.get("gpu") or {}
-    utilisation = f"; GPU utilisation {gpu.get('utilization')}%" if gpu.get("utilization") is not None else ""
+    launch, gpu = _dict(st.get("launch")), _dict(st.get("gpu"))
+    utilisation = f"; GPU utilisation {_fixed(gpu['utilization'], '.0f')}%" if gpu.get("utilization") is not None else ""
     return [_text(st.get("summary", "")), _text(f"{launch.get('describe', '')}{utilisation}", "dim")]
 
 
@@ -98,20 +135,20 @@ def _row(name: str, n: dict) -> list[Segment]:
         gpu_mem += f"/{fmt_bytes(n['gpu_budget_bytes'])}"
     if n.get("over_budget"):
         gpu_mem += " OVER"
-    reward, state = n.get("reward"), str(n.get("state", "?"))
+    state = str(n.get("state", "?"))
     cells = [
-        (name, "bold"), (state, STATE_STYLES.get(state, "")), (str(n.get("pid") or "-"), ""),
-        ("-" if n.get("round") is None else str(n["round"]), ""), (n.get("phase") or "-", ""),
-        (fmt_age(n.get("heartbeat_age_s")), ""), (str(n.get("restarts", 0)), ""),
-        ("-" if reward is None else f"{reward:.3f}", ""), (fmt_bytes(n.get("rss_bytes")), ""),
-        ("-" if n.get("cpu_percent") is None else f"{n['cpu_percent']:.0f}", ""),
+        (name, "bold"), (state, STATE_STYLES.get(state, "")), (_fixed(n.get("pid"), ".0f"), ""),
+        (_fixed(n.get("round"), ".0f"), ""), (str(n.get("phase") or "-"), ""),
+        (fmt_age(n.get("heartbeat_age_s")), ""), (_fixed(n.get("restarts", 0), ".0f"), ""),
+        (_fixed(n.get("reward"), ".3f"), ""), (fmt_bytes(n.get("rss_bytes")), ""),
+        (_fixed(n.get("cpu_percent"), ".0f"), ""),
         (gpu_mem, "bold red" if n.get("over_budget") else ""), (str(n.get("last_exit_line") or "-")[:60], "dim"),
     ]
     return [(escape_controls(text), style) for text, style in cells]
 
 
 def _failed(n: dict) -> bool:
-    last = n.get("last_exit") or {}
+    last = _dict(n.get("last_exit"))
     return n.get("state") in ("FATAL", "BACKOFF") or bool(
         last and last.get("reason") not in (None, "stopped") and not (last.get("returncode") == 0))
 
@@ -123,11 +160,14 @@ def _failure(name: str, n: dict) -> list[Line]:
     if n.get("last_exit_line"):
         out.append(_text(f"  last exit: {n['last_exit_line']}"))
     if n.get("backoff_left_s") is not None:
-        out.append(_text(f"  restarting in {n['backoff_left_s']:.1f} s"))
-    logs = n.get("logs") or {}
-    tail = n.get("log_tail") or []
-    if not tail and logs.get("stderr"):
-        tail = procs.tail_file(logs["stderr"], lines=5).splitlines()
+        out.append(_text(f"  restarting in {_fixed(n['backoff_left_s'], '.1f')} s"))
+    logs = _dict(n.get("logs"))
+    tail = _list(n.get("log_tail"))
+    if not tail and isinstance(logs.get("stderr"), str):
+        try:
+            tail = tail_text(Path(logs["stderr"]), lines=5).splitlines()
+        except (BadFile, OSError, ValueError) as err:  # ValueError: a NUL in the path
+            out.append(_text(f"  skipped {logs['stderr']}: {getattr(err, 'reason', None) or err}"))
     if tail:
         out.append(_text(f"  last log lines ({logs.get('stderr', 'stderr')}):"))
         out.extend([("    ", ""), *part] for line in tail[-8:] for part in log_lines(str(line))[:6])
@@ -138,7 +178,7 @@ def _notes(st: dict, nodes: dict, recent: Iterable[str]) -> list[Line]:
     out: list[Line] = []
     if any(n.get("gpu_unknown") for n in nodes.values()):
         out += [[], _text(GPU_UNKNOWN_NOTE, "dim")]
-    if st.get("over_budget"):
+    if _list(st.get("over_budget")):
         out += [[], _text("over GPU memory budget: " + ", ".join(map(str, st["over_budget"])), "bold red")]
     if st.get("stop_reason"):
         out.append(_text(f"stop reason: {st['stop_reason']}"))
@@ -167,7 +207,7 @@ def status_view(st: dict | None, *, running_pid: int | None, runtime_dir: Path, 
     view = StatusView(head=_head(st, running_pid, runtime_dir, experiment, now))
     if st is None:
         return view
-    nodes = st.get("nodes") or {}
+    nodes = {name: _dict(n) for name, n in _dict(st.get("nodes")).items()}
     view.head += _summary(st)
     view.rows = [_row(str(name), n) for name, n in nodes.items()]
     for name, n in nodes.items():

@@ -4,12 +4,17 @@ Checks (the seeds' validate_test_run): the final state reached max_rounds and fi
 snapshot, every peer file and every rollout/reward file parse (the node's own schemas); per worker, the
 training events parse, the metrics have exactly one line per round (bar rounds it logged as skipped), and
 every trained round has the worker's rollout file, unless retention removed that round without an
-archive to check it against. Files are read through :mod:`node.fsio` (capped, no symlinks, strict JSON).
+archive to check it against. Files are read through :mod:`node.fsio` (capped, no symlinks, strict JSON);
+a symlinked round or stage directory is refused like a symlinked file, never entered. A refused file
+(symlink, FIFO, device) or a line holding a number out of bounds (a 401-digit integer) is a finding in its
+check, never a traceback or a hang; names that are not the files a check reads (no ``.json`` suffix,
+hidden temp files) are ignored and change nothing.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -22,7 +27,7 @@ from node import fsio
 from node.layout import ExperimentLayout, parse_round_dir, parse_stage_dir
 from node.schemas import ConfigSnapshot, PeerRecord, RolloutFile, RoundResult, RoundState, validate_metrics_line
 from node.strict_json import parse_json_bytes
-from supervisor.terminal import escape_controls, styled
+from supervisor.terminal import MAX_MAGNITUDE, escape_controls, number_problem, styled
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
 READ_ERRORS = (OSError, ValueError, fsio.BadFile)
@@ -45,9 +50,12 @@ def read_json(path: Path) -> Any:
 
 
 def _load(path: Path, parse: Callable[[Any], Any], label: str) -> tuple[Any, str | None]:
-    """(parsed, None), or (None, what is wrong with the file called ``label``)."""
+    """(parsed, None), or (None, what is wrong with the file called ``label``): missing, refused, not strict
+    JSON, a number out of bounds, or not its schema."""
     try:
-        return parse(read_json(path)), None
+        obj = read_json(path)
+        problem = number_problem(obj)
+        return (None, f"{label}: {problem}") if problem else (parse(obj), None)
     except FileNotFoundError:
         return None, f"{label} is missing"
     except READ_ERRORS as err:
@@ -69,30 +77,58 @@ def _ranges(rounds: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
 def _some(problems: list[str], limit: int = 3) -> str:
     more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
     return "; ".join(problems[:limit]) + more
 
 
-def _numbered(directory: Path, parse: Callable[[str], int | None]) -> list[tuple[int, Path]]:
-    """(n, path) of the entries of ``directory`` that ``parse`` reads a number from, sorted."""
+def _numbered(directory: Path, parse: Callable[[str], int | None],
+              refused: list[tuple[Path, str]]) -> list[tuple[int, Path]]:
+    """(n, path) of the real directories in ``directory`` that ``parse`` reads a number from, sorted; a
+    numbered entry that is a symlink or not a directory goes to ``refused`` (never entered)."""
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    return sorted((n, directory / name) for n, name in ((parse(name), name) for name in names) if n is not None)
+    found = []
+    for n, name in ((parse(name), name) for name in names):
+        if n is None:
+            continue
+        try:
+            st = os.lstat(directory / name)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            found.append((n, directory / name))
+        else:
+            refused.append((directory / name, "symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"))
+    return sorted(found)
 
 
 def round_files(base: Path) -> tuple[list[tuple[int, int, Path]], list[tuple[Path, str]]]:
     """(round, stage, path) of every ``base/round_R/stage_S/*.json``, and the refused entries there
-    (symlinks, not regular files) with the reason."""
-    files, refused = [], []
-    for r, rdir in _numbered(base, parse_round_dir):
-        for s, sdir in _numbered(rdir, parse_stage_dir):
+    (symlinks, not regular files or directories) with the reason."""
+    files: list[tuple[int, int, Path]] = []
+    refused: list[tuple[Path, str]] = []
+    for r, rdir in _numbered(base, parse_round_dir, refused):
+        for s, sdir in _numbered(rdir, parse_stage_dir, refused):
             ok, bad = fsio.list_files(sdir, suffix=".json")
             files += [(r, s, f) for f in ok]
             refused += [(p, reason) for p, reason, sig in bad if sig != ("wrong_suffix",)]
     return files, refused
+
+
+def _line_problem(obj: Any) -> str | None:
+    """Why a JSONL line is refused: not JSON (the parser's reason), not an object, or a number out of bounds."""
+    if isinstance(obj, Exception):
+        return f"not JSON ({obj})"
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    return number_problem(obj)
 
 
 # --------------------------------------------------------------------------- the checks
@@ -176,12 +212,11 @@ def events_check(layout: ExperimentLayout, worker: str) -> tuple[Check, set[int]
     try:
         lines = list(fsio.iter_jsonl(path))
     except (OSError, fsio.BadFile) as err:
-        return Check(name, False, str(err)), set()
-    broken = [n for n, obj in lines if not isinstance(obj, dict)]
-    skipped = {r for _, obj in lines if isinstance(obj, dict) and obj.get("event") == "rounds_skipped"
-               for r in obj.get("rounds") or [] if isinstance(r, int)}
-    return Check(name, not broken, f"lines {broken[:5]} are not JSON objects" if broken else
-                 f"{len(lines)} events"), skipped
+        return Check(name, False, f"{layout.relative(path)}: {err}"), set()
+    broken = [f"line {n}: {problem}" for n, obj in lines if (problem := _line_problem(obj))]
+    skipped = {r for _, obj in lines if not _line_problem(obj) and obj.get("event") == "rounds_skipped"
+               for r in _list(obj.get("rounds")) if type(r) is int and 0 <= r < MAX_MAGNITUDE}
+    return Check(name, not broken, _some(broken) if broken else f"{len(lines)} events"), skipped
 
 
 def metrics_check(layout: ExperimentLayout, worker: str, max_rounds: int, skipped: set[int]
@@ -194,16 +229,18 @@ def metrics_check(layout: ExperimentLayout, worker: str, max_rounds: int, skippe
     problems = []
     try:
         for n, obj in fsio.iter_jsonl(path):
-            if isinstance(obj, Exception):
-                problems.append(f"line {n}: not JSON ({obj})")
-                continue
-            try:
-                validate_metrics_line(obj, expect_node=worker)
+            problem = _line_problem(obj)
+            if problem is None:
+                try:
+                    validate_metrics_line(obj, expect_node=worker)
+                except ValueError as err:
+                    problem = str(err)
+            if problem:
+                problems.append(f"line {n}: {problem}")
+            else:
                 trained.append(obj["round"])
-            except ValueError as err:
-                problems.append(f"line {n}: {err}")
     except (OSError, fsio.BadFile) as err:
-        problems.append(str(err))
+        problems.append(f"{layout.relative(path)}: {err}")
     dups = sorted({r for r in trained if trained.count(r) > 1})
     if dups:
         problems.append(f"rounds with more than one line: {_ranges(dups)}")
@@ -260,7 +297,7 @@ def show_checks(title: str, checks: list[Check], console: Console | None) -> int
     verdict = f"{len(checks) - failed}/{len(checks)} checks passed" + (": FAILED" if failed else ": OK")
     if console is None:
         width = max(len(c.name) for c in checks)
-        print(f"validate {title}")
+        print(f"validate {escape_controls(title)}")
         for c in checks:
             print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {escape_controls(c.detail)}")
         print(verdict)

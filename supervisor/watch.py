@@ -9,24 +9,27 @@
   for a killed worker's memory to be released before it is respawned. Memory NVML does not report stays
   unknown, never 0.
 - :class:`SharedPoller`: the round state and the workers' last rewards, read from the shared dir in a
-  helper thread (a Drive/FUSE mount may block; the loop never waits on it).
+  helper thread (a Drive/FUSE mount may block; the loop never waits on it), through :mod:`node.fsio` (a
+  FIFO, symlink or device there is refused without blocking) and the schemas of :mod:`node.schemas`.
 
 Monitoring never takes the supervisor down: psutil and NVML errors leave figures unknown.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any, Iterable
 
 import psutil
 
+from node import fsio
 from node.layout import ExperimentLayout
-from node.schemas import RoundState
-from supervisor import procs
+from node.schemas import RoundState, validate_metrics_line
+from node.strict_json import parse_json_bytes
 from supervisor.gpu import GpuDevice, GpuInfo
 from supervisor.gpu_pids import Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
+from supervisor.logview import tail_text
+from supervisor.terminal import finite_number
 
 TREE_REFRESH_S = 30.0  # how often each node's descendants are looked up again (a scan of every process)
 SELF_SAMPLE_S = 5.0  # the supervisor's own CPU % is averaged over this long (status.json's refresh)
@@ -178,8 +181,14 @@ class SharedPoller:
 
     :meth:`poll` starts a read unless the previous one is still running (a slow mount: logged once, the
     status shows older figures); :meth:`maybe_poll` does so at most every ``interval_s``. Only the
-    helper thread writes :attr:`round_state` and :attr:`rewards`.
+    helper thread writes :attr:`round_state` and :attr:`rewards`. Every read goes through
+    :mod:`node.fsio` (regular files only, ``O_NONBLOCK``: a FIFO planted at the state file is refused, the
+    thread never parks on it); a refused or invalid file keeps the last good figures and is warned about
+    once per reason (``shared_file_refused``).
     """
+
+    STATE_MAX_BYTES = 1024 * 1024  # the state file is a few hundred bytes
+    TAIL_BYTES = 16384  # the end of a metrics file holding its last lines
 
     def __init__(self, layout: ExperimentLayout, workers: Iterable[str], *, interval_s: float, log: Any):
         self.layout = layout
@@ -191,6 +200,7 @@ class SharedPoller:
         self._thread: threading.Thread | None = None
         self._slow = False
         self._next: float | None = None
+        self._refused: dict[str, str] = {}  # path -> the reason last warned about (helper thread only)
 
     def maybe_poll(self, now: float) -> None:
         if self._next is None or now >= self._next:
@@ -222,28 +232,44 @@ class SharedPoller:
                 self.rewards[node_id] = reward
 
     def _read_round_state(self) -> None:
-        """The coordinator's state file (errors are ignored, the next poll retries)."""
+        """The coordinator's state file as a :class:`RoundState` (missing: nothing; refused or invalid: one
+        warning, the last good state kept; the next poll retries)."""
+        path = self.layout.state_file()
         try:
-            with open(self.layout.state_file(), "rb") as f:
-                data = f.read(1024 * 1024)
-            self.round_state = RoundState.from_json(json.loads(data))
-        except (OSError, ValueError):
-            pass
+            data, _ = fsio.read_capped(path, self.STATE_MAX_BYTES)
+            state = RoundState.from_json(parse_json_bytes(data))
+        except FileNotFoundError:
+            return
+        except (fsio.BadFile, OSError, ValueError) as err:  # SchemaError is a ValueError
+            self._refuse(path, err)
+            return
+        self._refused.pop(str(path), None)
+        self.round_state = state
 
     def _last_reward(self, node_id: str) -> float | None:
-        """``reward_local`` (or another reward field) of the node's last metrics line."""
+        """``reward_local`` (or another reward field) of the node's last valid metrics line (a
+        :func:`validate_metrics_line` of this node, the value a bounded number); None when there is none."""
+        path = self.layout.metrics_file(node_id)
         try:
-            text = procs.tail_file(self.layout.metrics_file(node_id), max_bytes=16384, lines=3)
-        except (OSError, ValueError):
+            text = tail_text(path, max_bytes=self.TAIL_BYTES, lines=3)
+        except (fsio.BadFile, OSError) as err:
+            self._refuse(path, err)
             return None
+        self._refused.pop(str(path), None)
         for line in reversed(text.splitlines()):
             try:
-                obj = json.loads(line)
+                obj = validate_metrics_line(parse_json_bytes(line.encode("utf-8")), expect_node=node_id)
             except ValueError:
                 continue
-            if isinstance(obj, dict):
-                for key in REWARD_KEYS:
-                    value = obj.get(key)
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        return float(value)
+            for key in REWARD_KEYS:
+                value = finite_number(obj.get(key))
+                if value is not None:
+                    return value
         return None
+
+    def _refuse(self, path, err: Exception) -> None:
+        """Warn about a refused file once per reason (the poll repeats every few seconds)."""
+        reason = err.reason if isinstance(err, fsio.BadFile) else (str(err) or type(err).__name__)
+        if self._refused.get(str(path)) != reason:
+            self._refused[str(path)] = reason
+            self.log.warning("shared_file_refused", path=str(path), reason=reason)

@@ -259,7 +259,7 @@ def test_a_hostile_config_snapshot_is_skipped_in_one_line(two_experiments, tmp_p
     assert "| toy-2loc2ext | ? | ? | ? | 2 | 4 | 1.80 |" in out  # I/J/G unknown, the logs read as before
 
 
-def test_a_401_digit_integer_is_a_note_not_a_traceback(two_experiments, tmp_path, capsys):
+def test_a_401_digit_integer_is_a_skipped_line_not_a_traceback(two_experiments, tmp_path, capsys):
     base, sapo = two_experiments
     huge = 10 ** 400
     snapshot = sapo / "state" / "config.json"
@@ -278,10 +278,14 @@ def test_a_401_digit_integer_is_a_note_not_a_traceback(two_experiments, tmp_path
     assert code == 0 and err == ""
     assert ("- toy-2loc2ext: state/config.json: sapo.num_train_samples is not an integer in [0, 2**63 - 1] "
             "(a 401-digit integer); ignored\n") in out
-    assert "- toy-2loc2ext: skipped 1 unreadable or foreign line(s)\n" in out
-    assert "| toy-2loc2ext | ? | 2 | 4 | 2 | 4 | 1.80 |" in out  # round 4's reward is unknown: not counted
+    assert ("- toy-2loc2ext: skipped logs/worker_1/metrics.jsonl: 2 line(s) left out; the first, line 5: round: "
+            "a 401-digit integer is out of range (|x| <= 2**63)\n") in out
+    assert ("- toy-2loc2ext: skipped logs/worker_1/training_events.jsonl: 1 line(s) left out; the first, line 3: "
+            "timestamp: a 401-digit integer is out of range (|x| <= 2**63)\n") in out
+    assert "| toy-2loc2ext | ? | 2 | 4 | 2 | 4 | 1.80 |" in out  # rounds 4 and 5 left out
     rows = {e["label"]: e for e in json.loads((tmp_path / "out" / "report.json").read_text())["experiments"]}
-    assert rows["toy-2loc2ext"]["restarts"] == 1 and rows["toy-2loc2ext"]["num_train_samples"] is None
+    assert rows["toy-2loc2ext"]["restarts"] == 0 and rows["toy-2loc2ext"]["num_train_samples"] is None
+    assert rows["toy-2loc2ext"]["skipped_lines"] == 3
 
 
 def test_moving_average_helpers():
