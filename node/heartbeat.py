@@ -9,6 +9,11 @@ Heartbeats live on local disk, not in the shared directory: when a Drive mount d
 training on local data and must not look hung to its supervisor. (Peers learn about each other from
 ``peers/<node>.json`` in the shared directory, written best-effort by the node loop.)
 
+When that local disk is full no heartbeat can be written, nor any marker saying so: :class:`Heartbeat`
+remembers the errno and since when its writes fail, and logs the start and the end of the failure once
+each; the supervisor, seeing the silence, checks the disk itself (``supervisor.managed.RuntimeDisk``) and
+waits instead of killing the node.
+
 No torch here: the supervisor imports this module.
 """
 
@@ -20,9 +25,13 @@ import threading
 import time
 from pathlib import Path
 
+import structlog
+
 from node.fsio import BadFile, read_capped, write_atomic
 from node.schemas import HeartbeatRecord  # noqa: F401 (its home is schemas; importers use this module)
 from node.strict_json import encode_json, parse_json_bytes
+
+log = structlog.get_logger(__name__)
 
 RUNTIME_DIR_ENV = "SWARM_RUNTIME_DIR"
 HEARTBEAT_SUFFIX = ".heartbeat.json"
@@ -68,6 +77,8 @@ class Heartbeat:
         self._round, self._status = -1, "starting"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.write_errno: int | None = None  # errno of the failing writes (None: the last write succeeded)
+        self.failing_since: float | None = None  # clock time of the first failed write in a row
 
     def progress(self, phase: str, *, round_: int | None = None, status: str | None = None) -> None:
         """The main loop moved on: bump the counter (and optionally the round and status)."""
@@ -90,13 +101,34 @@ class Heartbeat:
                 round=self._round, status=self._status,
             )
 
-    def write(self) -> None:
-        """Write one heartbeat now (errors are ignored: the next beat retries)."""
+    def write(self) -> bool:
+        """Write one heartbeat now; False when it failed (the next beat retries). A failure is remembered
+        (:attr:`write_errno`, :attr:`failing_since`) and logged when it begins and when it ends, not at every
+        beat: on a full disk the log cannot be written either."""
         try:
             # not durable: a heartbeat lost in a power cut is harmless
             write_atomic(self.path, encode_json(self.record().to_json()), durable=False)
-        except (OSError, ValueError):  # ValueError: a non-finite number from an injected clock
-            pass
+        except (OSError, ValueError) as err:  # ValueError: a non-finite number from an injected clock
+            self._failed(getattr(err, "errno", None) or 0, str(err))
+            return False
+        self._succeeded()
+        return True
+
+    def _failed(self, code: int, error: str) -> None:
+        with self._lock:
+            first = self.failing_since is None
+            if first:
+                self.failing_since = self.clock()
+            self.write_errno = code
+        if first:
+            log.warning("heartbeat_write_failed", path=str(self.path), errno=code, error=error,
+                        detail="the supervisor sees a silent node; it waits if the runtime disk is full")
+
+    def _succeeded(self) -> None:
+        with self._lock:
+            since, self.failing_since, self.write_errno = self.failing_since, None, None
+        if since is not None:
+            log.info("heartbeat_write_recovered", path=str(self.path), failed_for_s=round(self.clock() - since, 3))
 
     def start(self) -> "Heartbeat":
         """Start the background thread (idempotent). Starting counts as progress: the set-up before it

@@ -11,13 +11,19 @@ in this order:
    STOPPED, anything else → BACKOFF (capped exponential) or FATAL (:class:`~supervisor.states.RestartPolicy`);
 3. heartbeats (``node.heartbeat``, on local disk): the first one moves STARTING → RUNNING; a node silent
    for ``heartbeat_timeout_s``, whose main loop made no progress for as long, or without a first
-   heartbeat within ``startup_timeout_s``, is hung: SIGKILL its group, then restart it;
+   heartbeat within ``startup_timeout_s``, is hung: SIGKILL its group, then restart it. Unless the
+   runtime dir's filesystem is full (:class:`supervisor.managed.RuntimeDisk`): then no node can write a
+   heartbeat, so a silent one is held under the ``runtime_disk_full`` condition instead, the error
+   ``runtime_disk_full`` is logged (once a minute) and shown in the summary line, and all resumes when
+   space returns;
 4. spawns, one start-up at a time (the coordinator, then each worker once the previous one heartbeats or
    gave up; simultaneous CUDA start-ups fail), a killed GPU worker only once NVML no longer lists it
    (:meth:`supervisor.watch.GpuWatch.released`, bounded by ``gpu_release_timeout_s``);
 5. every ``monitor_interval_s``: psutil and NVML figures and the shared dir (:mod:`supervisor.watch`);
    every tick, sd_notify and ``status.json``, rewritten only when something lasting changed or its
-   refresh is due (:class:`supervisor.status.StatusFile`).
+   refresh is due (:class:`supervisor.status.StatusFile`); every :data:`LOG_CHECK_S`, the logs other
+   processes hold open are copied and truncated past their size limit (:mod:`node.logs` lists every
+   log and its bound).
 
 The rest lives beside it: the launch plan and node contract (:mod:`supervisor.launch`), the runtime dir,
 lock and pid file (:mod:`supervisor.runfiles`), ``on_event`` (:mod:`supervisor.hooks`) and the production
@@ -28,6 +34,7 @@ the GPU (:func:`supervisor.gpu.open_gpu`) are injected, so state-machine tests r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -37,22 +44,26 @@ import structlog
 
 from node.heartbeat import default_runtime_dir
 from node.layout import ExperimentLayout
-from node.logs import rotate_if_large
+from node.logs import LOG_MAX_BYTES, rotate_if_large, truncate_if_large
 from supervisor import loop, procs, status
 from supervisor.gpu import GpuInfo
 from supervisor.hooks import EventHooks
 from supervisor.launch import DEFAULT_NODE_COMMAND, LaunchPlan, node_argv, node_env, node_names, plan_launch
 from supervisor.loop import EXIT_FATAL, EXIT_FINISHED
-from supervisor.managed import ManagedNode, exit_info, hung_reason
+from supervisor.managed import ManagedNode, RuntimeDisk, exit_info, hung_verdict
 from supervisor.nvml import open_gpu
 from supervisor.runfiles import RuntimePaths, SupervisorLock
 from supervisor.sdnotify import SdNotifier, SupervisorNotices
-from supervisor.states import TERMINAL_STATES, ExitInfo, NodeState, NodeStatus, RestartPolicy, change_state
+from supervisor.states import (
+    TERMINAL_STATES, ExitInfo, NodeState, NodeStatus, RestartPolicy, change_state, set_condition,
+)
 from supervisor.stopping import StopSequence
 from supervisor.watch import GpuWatch, ProcessSampler, SharedPoller
 
 S = NodeState
 STARTING_POLL_S = 0.25  # heartbeat polling while a node is starting (faster start-ups, restarts)
+LOG_CHECK_S = 30.0  # how often the captured logs are checked against their size limit
+DISK_FULL = "runtime_disk_full"  # the condition of a node held while the runtime disk is full
 _AUTO: Any = object()
 
 
@@ -70,7 +81,7 @@ class Supervisor:
         runtime_dir: str | os.PathLike | None = None, notifier: SdNotifier | None = None, log: Any = None,
         environ: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
         sample_processes: bool = True, proc_root: str | os.PathLike = "/proc", gpu_release_timeout_s: float = 30.0,
-        shared_poll_s: float = 5.0,
+        shared_poll_s: float = 5.0, log_max_bytes: int = LOG_MAX_BYTES,
     ):
         self.config = config
         self.sv = sv = config.supervisor
@@ -107,6 +118,9 @@ class Supervisor:
         self._lock = SupervisorLock(self.paths)
         self.notices = SupervisorNotices(self.notifier)
         self._next_monitor: float | None = None
+        self.runtime_disk = RuntimeDisk(self.paths.root, self.log)
+        self.log_max_bytes = log_max_bytes
+        self._next_log_check: float | None = None
 
     # ------------------------------------------------------------------ setup and the outside world
 
@@ -189,6 +203,9 @@ class Supervisor:
             wall = self.os.now()
             for node in self.nodes.values():
                 self._check_liveness(node, now, wall)
+            held = self._held_nodes()
+            if held:
+                self.runtime_disk.report(now, held)
             self._check_doomed(now)
             if not self.stop.active:
                 self._spawn_next(now)
@@ -260,9 +277,29 @@ class Supervisor:
             change_state(st, S.RUNNING, reason=f"first heartbeat after {now - (st.started_at or now):.1f} s",
                          now=now, log=self.log)
             return
-        why = hung_reason(node, now, wall, self.sv)
-        if why:
-            self._kill_hung(node, now, why)
+        hang = hung_verdict(node, now, wall, self.sv)
+        silent = hang is not None and hang.silent
+        if (silent or st.condition == DISK_FULL) and self._held_by_full_disk(node, now):
+            return
+        if hang is not None:
+            self._kill_hung(node, now, hang.detail)
+
+    def _held_by_full_disk(self, node: ManagedNode, now: float) -> bool:
+        """True while the runtime dir's filesystem is full: ``node`` is held under ``runtime_disk_full`` (not
+        killed) and the error reported. Ends the condition once space returns (:func:`hung_verdict` then
+        gives the node its timeout to beat again)."""
+        full = self.runtime_disk.check(now)
+        st = node.status
+        if full is None:
+            if st.condition == DISK_FULL:
+                set_condition(st, None, reason="the runtime disk has space again", now=now, log=self.log)
+            return False
+        set_condition(st, DISK_FULL, reason=full.one_line(), now=now, log=self.log)
+        return True
+
+    def _held_nodes(self) -> list[str]:
+        """The nodes held under ``runtime_disk_full``: silent, not killed."""
+        return [n.name for n in self.nodes.values() if n.status.condition == DISK_FULL]
 
     def _kill_hung(self, node: ManagedNode, now: float, detail: str) -> None:
         node.hung_detail = detail
@@ -296,7 +333,7 @@ class Supervisor:
         except OSError as exc:
             self.log.warning("stale_heartbeat_not_removed", node=node.name, error=str(exc))
         for captured in (out, err):  # the node's own JSON log rotates itself; these the node only appends to
-            rotate_if_large(captured)
+            rotate_if_large(captured, self.log_max_bytes)
         node.stdout_offset, node.stderr_offset = procs.file_size(out), procs.file_size(err)
         wall = self.os.now()
         try:
@@ -361,16 +398,49 @@ class Supervisor:
         self.shared.maybe_poll(now)
         for node in self.nodes.values():
             self.policy.reset_if_stable(node.status, now)
+        if self._next_log_check is None or now >= self._next_log_check:
+            self._next_log_check = now + LOG_CHECK_S
+            self._bound_logs()
+
+    def _bound_logs(self) -> None:
+        """Copy and truncate the logs other processes hold open once past the size limit: each node's
+        captured stdout/stderr (its run tail then starts at 0), a detached supervisor's own output, the
+        on_event output (:mod:`node.logs`: every log and its bound)."""
+        for node in self.nodes.values():
+            if self._truncate(self.paths.stdout_log(node.name)):
+                node.stdout_offset = 0
+            if self._truncate(self.paths.stderr_log(node.name)):
+                node.stderr_offset = 0
+        self._truncate(self.paths.detached_output)
+        self._truncate(self.paths.events_log)
+
+    def _truncate(self, path: Path) -> bool:
+        try:
+            done = truncate_if_large(path, self.log_max_bytes)
+        except OSError as err:
+            self.log.warning("log_rotation_failed", path=str(path), error=str(err))
+            return False
+        if done:
+            self.log.info("log_rotated", path=str(path), max_bytes=self.log_max_bytes)
+        return done
 
     # ------------------------------------------------------------------ what others see
 
     def summary_line(self) -> str:
-        """One line for STATUS= and the console: round, node counts, restarts."""
-        return status.summary_line(self)
+        """One line for STATUS= and the console: round, node counts, restarts; a full runtime disk first."""
+        line = status.summary_line(self)
+        full, held = self.runtime_disk.full, self._held_nodes()
+        if full is not None and held:
+            line = f"ERROR {full.one_line()}: {', '.join(held)} silent, not killed, waiting for space; {line}"
+        return line
 
     def snapshot(self, now: float | None = None) -> dict:
-        """Everything ``swarm status`` shows, JSON-ready."""
-        return status.snapshot(self, now)
+        """Everything ``swarm status`` shows, JSON-ready (the summary as :meth:`summary_line` says it)."""
+        snap = status.snapshot(self, now)
+        snap["summary"] = self.summary_line()
+        full = self.runtime_disk.full
+        snap["runtime_disk_full"] = dataclasses.asdict(full) if full is not None else None
+        return snap
 
     def write_status(self, now: float | None = None, *, force: bool = True) -> None:
         """``status.json`` now (``force``), or only if something lasting changed or the refresh is due."""

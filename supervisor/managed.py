@@ -2,14 +2,23 @@
 
 :class:`ManagedNode` is a :class:`~supervisor.states.NodeStatus` plus the current process's details.
 :func:`exit_info` sorts an exit (we killed it as hung, we asked it to stop, a configuration error, or
-:func:`supervisor.procs.classify_exit` over the log tail of this run); :func:`hung_reason` reads the
+:func:`supervisor.procs.classify_exit` over the log tail of this run); :func:`hung_verdict` reads the
 heartbeat clocks (no first heartbeat within ``startup_timeout_s``; no heartbeat, or no main-loop progress,
 for ``heartbeat_timeout_s``). Both are pure: the tick acts on what they say.
+
+A silent node is not always hung: heartbeats live in the local runtime dir, and when its filesystem is
+full no node can write one. :class:`RuntimeDisk` tells that case apart (``os.statvfs`` free bytes below
+:data:`MIN_FREE_BYTES`, or a probe write refused with ENOSPC/EDQUOT) and reports it, at most once per
+:data:`DISK_REPORT_S`, as the error ``runtime_disk_full``; the tick then holds the node under the
+``runtime_disk_full`` condition (:data:`supervisor.states.CONDITIONS`) instead of killing it. The price: a
+node that truly hangs while the disk is full is killed only once space returns and its timeout passes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +30,10 @@ from supervisor.states import ExitInfo, NodeState, NodeStatus
 
 S = NodeState
 EXIT_CONFIG_ERROR = 2  # what a node returns for a configuration error (never retried)
+MIN_FREE_BYTES = 64 * 1024  # below this the runtime dir's filesystem counts as full (a heartbeat is ~300 bytes)
+PROBE_BYTES = 4096  # one page: what a heartbeat's temp file needs
+DISK_CHECK_S = 1.0  # statvfs and the probe at most this often, however many nodes are silent
+DISK_REPORT_S = 60.0  # the runtime_disk_full error at most this often while it lasts
 
 
 @dataclass
@@ -96,25 +109,118 @@ def exit_info(node: ManagedNode, rc: int, tail: str) -> ExitInfo:
     return procs.classify_exit(rc, requested_stop=False, log_tail=tail, pid=pid)
 
 
-def hung_reason(node: ManagedNode, now: float, wall: float, sv: Any) -> str | None:
+@dataclass(frozen=True)
+class Hang:
+    """Why a STARTING or RUNNING node counts as hung. ``silent``: no heartbeat at all (none yet, or a stale
+    one), which is also what a full runtime disk looks like; otherwise its heartbeat thread is alive and
+    its main loop is stuck."""
+
+    detail: str
+    silent: bool
+
+
+def hung_verdict(node: ManagedNode, now: float, wall: float, sv: Any) -> Hang | None:
     """Why a STARTING or RUNNING node counts as hung (``sv``: the supervisor section), or None.
 
-    ``now`` is monotonic (start-up), ``wall`` wall-clock (heartbeats carry wall-clock times).
+    ``now`` is monotonic (start-up, conditions), ``wall`` wall-clock (heartbeats carry wall-clock times).
+    No verdict while a condition holds or within the timeout after it was last seen
+    (:data:`supervisor.states.CONDITIONS`): the node gets that long to beat again.
     """
     st = node.status
-    if st.state is S.STARTING:
-        if now - (st.started_at or now) > sv.startup_timeout_s:
-            return f"no first heartbeat within startup_timeout_s={sv.startup_timeout_s:g}"
+    timeout = sv.startup_timeout_s if st.state is S.STARTING else sv.heartbeat_timeout_s
+    if st.condition_seen_at is not None and now - st.condition_seen_at <= timeout:
         return None
-    timeout = sv.heartbeat_timeout_s
+    if st.state is S.STARTING:
+        if now - (st.started_at or now) > timeout:
+            return Hang(f"no first heartbeat within startup_timeout_s={timeout:g}", silent=True)
+        return None
     hb = node.heartbeat
     last_beat = max(node.spawn_wall, hb.heartbeat_at if hb else node.spawn_wall)
     if wall - last_beat > timeout:
-        return f"no heartbeat for {wall - last_beat:.1f} s (heartbeat_timeout_s={timeout:g}): the process is frozen"
+        return Hang(f"no heartbeat for {wall - last_beat:.1f} s (heartbeat_timeout_s={timeout:g}): "
+                    "the process is frozen", silent=True)
     if hb is not None and hb.status not in ("finished", "stopping") and wall - hb.progress_at > timeout:
-        return (f"main loop made no progress for {wall - hb.progress_at:.1f} s in phase {hb.phase!r} "
-                f"(heartbeat_timeout_s={timeout:g}) while its heartbeat thread is alive")
+        return Hang(f"main loop made no progress for {wall - hb.progress_at:.1f} s in phase {hb.phase!r} "
+                    f"(heartbeat_timeout_s={timeout:g}) while its heartbeat thread is alive", silent=False)
     return None
+
+
+@dataclass(frozen=True)
+class DiskFull:
+    """The runtime dir's filesystem refuses writes: ``free_bytes`` left, and how we know (``detail``)."""
+
+    directory: str
+    free_bytes: int | None
+    detail: str
+
+    def one_line(self) -> str:
+        free = f"{self.free_bytes} bytes free" if self.free_bytes is not None else "free space unknown"
+        return f"runtime dir {self.directory} is full ({free}; {self.detail})"
+
+
+def disk_full(directory: Path, min_free_bytes: int = MIN_FREE_BYTES) -> DiskFull | None:
+    """A :class:`DiskFull` when ``directory``'s filesystem has less than ``min_free_bytes`` free or refuses a
+    :data:`PROBE_BYTES` probe write with ENOSPC/EDQUOT (out of inodes, a quota); None otherwise (other
+    errors too: they are not a full disk)."""
+    free = None
+    try:
+        vfs = os.statvfs(directory)
+        free = (vfs.f_bfree if os.geteuid() == 0 else vfs.f_bavail) * vfs.f_frsize  # root may use reserved blocks
+    except OSError:
+        pass
+    if free is not None and free < min_free_bytes:
+        return DiskFull(str(directory), free, f"statvfs: below {min_free_bytes} bytes")
+    probe = Path(directory) / f".disk-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * PROBE_BYTES)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFull(str(directory), free, f"a probe write failed: {os.strerror(err.errno)}")
+        return None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return None
+
+
+class RuntimeDisk:
+    """Whether the runtime dir's filesystem is full (:func:`disk_full` at most every ``check_s``), and the
+    supervisor's error about it (``runtime_disk_full``, at most every ``report_s``; ``runtime_disk_ok`` when
+    space returns). ``now`` is monotonic."""
+
+    def __init__(self, directory: Path, log: Any, *, min_free_bytes: int = MIN_FREE_BYTES,
+                 check_s: float = DISK_CHECK_S, report_s: float = DISK_REPORT_S):
+        self.directory, self.log, self.min_free_bytes = Path(directory), log, min_free_bytes
+        self.check_s, self.report_s = check_s, report_s
+        self.full: DiskFull | None = None  # the last verdict
+        self._checked_at: float | None = None
+        self._reported_at: float | None = None
+
+    def check(self, now: float) -> DiskFull | None:
+        """The verdict as of ``now`` (cached for ``check_s``); logs ``runtime_disk_ok`` when space returned."""
+        if self._checked_at is None or now - self._checked_at >= self.check_s:
+            self._checked_at = now
+            was, self.full = self.full, disk_full(self.directory, self.min_free_bytes)
+            if was is not None and self.full is None:
+                self._reported_at = None
+                self.log.info("runtime_disk_ok", runtime_dir=str(self.directory),
+                              detail="space returned: silent nodes get their heartbeat timeout to beat again")
+        return self.full
+
+    def report(self, now: float, nodes: list[str]) -> None:
+        """The error for an operator: the dir, its free bytes, the ``nodes`` held instead of killed."""
+        if self.full is None or (self._reported_at is not None and now - self._reported_at < self.report_s):
+            return
+        self._reported_at = now
+        self.log.error("runtime_disk_full", runtime_dir=str(self.directory), free_bytes=self.full.free_bytes,
+                       detail=self.full.detail, nodes=nodes,
+                       action="silent nodes are not killed as hung; waiting for space (free some on this disk)")
 
 
 def _last_line(text: str) -> str:

@@ -67,7 +67,7 @@ def _child_setup(parent_pid: int):
 
 def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None, cwd: str | os.PathLike | None,
           stdout_path: str | os.PathLike, stderr_path: str | os.PathLike) -> subprocess.Popen:
-    """Start ``argv`` in its own session / process group, output appended to files.
+    """Start ``argv`` in its own session / process group, output appended (``O_APPEND``) to files.
 
     The child gets ``PR_SET_PDEATHSIG = SIGKILL`` (Linux): it is killed when the *thread* that
     spawned it exits, so call this from the supervisor's main thread. stdin is /dev/null. The
@@ -77,6 +77,8 @@ def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None, cwd: str | os.P
     stdout_path, stderr_path = Path(stdout_path), Path(stderr_path)
     for p in {stdout_path.parent, stderr_path.parent}:
         p.mkdir(parents=True, exist_ok=True)
+    # Append mode (O_APPEND) is what lets the supervisor bound these files while the child runs: it copies
+    # and truncates them (node.logs.truncate_if_large), and the child's next write lands at the new end.
     out = open(stdout_path, "ab")
     try:
         err = out if stderr_path == stdout_path else open(stderr_path, "ab")

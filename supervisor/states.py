@@ -2,7 +2,9 @@
 
 Every node (the coordinator and each worker) is in exactly one :class:`NodeState`. Every transition
 goes through :func:`change_state`, which refuses a transition whose predecessor is not allowed
-(:data:`ALLOWED`) and logs a ``node_state_changed`` event. The policy (:class:`RestartPolicy`) is pure
+(:data:`ALLOWED`) and logs a ``node_state_changed`` event. A STARTING or RUNNING node may also be under
+one :data:`CONDITIONS` entry, a circumstance the supervisor waits out instead of acting on (changed only
+through :func:`set_condition`, which logs ``node_condition``). The policy (:class:`RestartPolicy`) is pure
 arithmetic over a :class:`NodeStatus` and a monotonic ``now``: it never sleeps, spawns or reads a clock,
 so the monitor loop and its tests drive it with scripted times.
 """
@@ -50,6 +52,9 @@ class NodeState(str, Enum):
     STOPPING: SIGTERM/SIGKILL sent to its process group, waiting for the exit.
     EXITED: finished normally (exit 0, e.g. after ``max_rounds``); not restarted.
     FATAL: gave up (too many failures in the window, or a configuration error); not restarted.
+
+    Conditions (:data:`CONDITIONS`, ``NodeStatus.condition``) qualify STARTING and RUNNING without
+    changing the state: ``RUNNING [runtime_disk_full]`` is a running node whose silence is excused.
     """
 
     STOPPED = "STOPPED"
@@ -94,6 +99,16 @@ EXIT_REASONS: tuple[str, ...] = (
     "stopped",  # the supervisor asked it to stop
     "config_error",  # could not be spawned at all (missing executable, bad cwd, ...), or exit code 2
 )
+
+
+# Conditions of a STARTING or RUNNING node: circumstances the supervisor waits out instead of acting on.
+# A node is judged hung neither while one holds nor within its timeout (heartbeat_timeout_s, or
+# startup_timeout_s while STARTING) after it was last seen (NodeStatus.condition_seen_at).
+CONDITIONS: dict[str, str] = {
+    "runtime_disk_full": "the runtime dir's filesystem is full: the node cannot write its heartbeat, so its "
+                         "silence is not a hang; it is not killed, and beats again once space returns",
+}
+CONDITION_STATES: frozenset[NodeState] = frozenset({S.STARTING, S.RUNNING})
 
 
 class IllegalTransition(RuntimeError):
@@ -176,6 +191,8 @@ class NodeStatus:
     state_since: float = 0.0  # monotonic time of the last transition
     first_heartbeat_seen: bool = False
     fatal_reason: str | None = None
+    condition: str | None = None  # one of CONDITIONS, STARTING/RUNNING only (set_condition)
+    condition_seen_at: float | None = None  # monotonic time a condition was last seen to hold (this run)
     failure_times: deque = field(default_factory=lambda: deque(maxlen=256))  # monotonic, oldest first
     transitions: deque = field(default_factory=lambda: deque(maxlen=32))
 
@@ -185,6 +202,7 @@ class NodeStatus:
         self.started_at = now
         self.first_heartbeat_seen = False
         self.backoff_until = None
+        self.condition = self.condition_seen_at = None
 
     def mark_heartbeat(self) -> None:
         """The node's first (or any) heartbeat: start-up succeeded (call before STARTING → RUNNING)."""
@@ -213,6 +231,7 @@ class NodeStatus:
             "last_exit": self.last_exit.to_dict() if self.last_exit else None,
             "last_exit_line": self.last_exit.one_line() if self.last_exit else None,
             "fatal_reason": self.fatal_reason,
+            "condition": self.condition,
         }
 
 
@@ -222,7 +241,7 @@ def change_state(status: NodeStatus, new: NodeState, *, reason: str, now: float,
 
     Raises :class:`IllegalTransition` when ``status.state`` is not an allowed predecessor of ``new``
     (a self-transition is illegal too). Records the transition and logs ``node_state_changed``
-    (at warning level for BACKOFF and FATAL).
+    (at warning level for BACKOFF and FATAL). Leaving STARTING/RUNNING ends any condition.
     """
     new = NodeState(new)
     old = status.state
@@ -235,10 +254,33 @@ def change_state(status: NodeStatus, new: NodeState, *, reason: str, now: float,
     status.transitions.append(Transition(now, old, new, reason))
     if new is not S.BACKOFF:
         status.backoff_until = None
+    if new not in CONDITION_STATES:
+        status.condition = None
     if log is not None:
         emit = log.warning if new in (S.BACKOFF, S.FATAL) else log.info
         emit("node_state_changed", node=status.name, role=status.role, old=old.value, new=new.value,
              reason=reason, pid=status.pid, restarts=status.restarts)
+
+
+def set_condition(status: NodeStatus, condition: str | None, *, reason: str, now: float,
+                  log: EventLog | None) -> None:
+    """Put ``status`` under ``condition`` (None: end it), seen at ``now``: the one place conditions change.
+
+    Raises ValueError for a condition not in :data:`CONDITIONS` or a node not STARTING/RUNNING. Logs
+    ``node_condition`` when the condition changes (warning when one begins, info when it ends); seeing the
+    same one again only moves ``condition_seen_at``.
+    """
+    if condition is not None:
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {condition!r}; allowed: {', '.join(CONDITIONS)}")
+        if status.state not in CONDITION_STATES:
+            raise ValueError(f"{status.name} is {status.state.value}: conditions qualify STARTING and RUNNING only")
+        status.condition_seen_at = now
+    old, status.condition = status.condition, condition
+    if log is not None and old != condition:
+        emit = log.warning if condition is not None else log.info
+        emit("node_condition", node=status.name, role=status.role, state=status.state.value, condition=condition,
+             previous=old, reason=reason, pid=status.pid)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Shared fixtures: test helpers importable from every test directory, swarms of tests/harness.py, the
-reaper of whatever a test leaves behind, and a real flaky FUSE mount."""
+reaper of whatever a test leaves behind, a real flaky FUSE mount, and a real tiny tmpfs to fill."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -120,3 +121,29 @@ def flaky_mount(tmp_path):
     finally:
         mount.up()
         mount.stop()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 4 MiB tmpfs: writes past it fail with a real ENOSPC (skips where mounting is not allowed)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill ``directory``'s filesystem (a :func:`tiny_disk`) to a real ENOSPC; delete the returned file to free it."""
+    filler = directory / "filler.bin"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left over for close() to fail on
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    return filler

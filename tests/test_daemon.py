@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fill_disk
 from doubles import FakeOS
 from fake_node import FAKE_NODE, config_yaml, drive, fake_config, write_heartbeat
 from harness import Timeouts, alive, still_alive, wait_for
-from supervisor import cli, statusview
-from supervisor.daemon import Supervisor
+from node.logs import rotated_files, truncate_if_large
+from supervisor import cli, procs, statusview
+from supervisor.daemon import LOG_CHECK_S, Supervisor
+from supervisor.managed import MIN_FREE_BYTES
 from supervisor.runfiles import AlreadyRunning, RuntimePaths
 from supervisor.status import read_status
 from supervisor.sdnotify import SdNotifier
@@ -52,13 +55,15 @@ class RecordingLog:
 
 # --------------------------------------------------------------------------- FakeOS harness
 
-def fake_sup(tmp_path, workers=2, os_=None, **supervisor) -> tuple[Supervisor, FakeOS, RecordingLog]:
+def fake_sup(tmp_path, workers=2, os_=None, runtime_dir=None, log_max_bytes=None,
+             **supervisor) -> tuple[Supervisor, FakeOS, RecordingLog]:
     fos = os_ or FakeOS()
     log = RecordingLog()
     cfg = fake_config(tmp_path / "shared", workers=workers, **supervisor)
     sup = Supervisor(cfg, config_path=tmp_path / "cfg.yaml", overrides=["sapo.num_generations=4"], os_=fos, gpu=None,
-                     runtime_dir=tmp_path / "rt", notifier=SdNotifier(environ={}), log=log, environ={"PATH": "/bin"},
-                     sample_processes=False)
+                     runtime_dir=runtime_dir or tmp_path / "rt", notifier=SdNotifier(environ={}), log=log,
+                     environ={"PATH": "/bin"}, sample_processes=False,
+                     **({"log_max_bytes": log_max_bytes} if log_max_bytes else {}))
     return sup, fos, log
 
 
@@ -345,6 +350,58 @@ def test_on_event_runs_on_restart_and_fatal(tmp_path):
     assert (event, node, exp) == ("fatal", "worker_1", "fake") and "max_restarts=0" in reason
 
 
+def test_a_full_runtime_disk_holds_silent_nodes_reports_it_and_resumes(tmp_path, tiny_disk):
+    """Heartbeats live on the runtime disk: when it is full every node falls silent. Nobody is killed as hung, a
+    clear error names the dir and its free bytes (once a minute), and all is normal once space returns."""
+    sup, fos, log = fake_sup(tmp_path, workers=1, runtime_dir=tiny_disk / "rt", heartbeat_timeout_s=2.0)
+    start_all(sup, fos)
+    filler = fill_disk(tiny_disk)
+    advance(sup, fos, 120.0, step=0.5, beat_running=False)  # no node can write a heartbeat: 60 x the timeout
+    assert not [s for s in fos.sent if s[1] == signal.SIGKILL] and len(fos.spawned) == 2
+    assert all(n.status.state is S.RUNNING and n.status.condition == "runtime_disk_full" for n in sup.nodes.values())
+    errors = log.named("runtime_disk_full")
+    assert len(errors) == 2  # at the first silence past the timeout, then a minute later
+    assert errors[0]["runtime_dir"] == str(tiny_disk / "rt") and errors[0]["free_bytes"] < MIN_FREE_BYTES
+    assert errors[0]["nodes"] == ["coordinator", "worker_1"] and "not killed" in errors[0]["action"]
+    assert [kw["condition"] for kw in log.named("node_condition")] == ["runtime_disk_full"] * 2  # once per node
+    snap = sup.snapshot()
+    assert snap["summary"].startswith(f"ERROR runtime dir {tiny_disk / 'rt'} is full (")
+    assert "coordinator, worker_1 silent, not killed, waiting for space" in snap["summary"]
+    assert snap["runtime_disk_full"]["free_bytes"] < MIN_FREE_BYTES
+    assert snap["nodes"]["worker_1"]["condition"] == "runtime_disk_full"
+    filler.unlink()  # space returns: the nodes get their timeout to beat again
+    advance(sup, fos, 1.5, step=0.5, beat_running=False)
+    assert all(n.status.state is S.RUNNING and n.status.condition is None for n in sup.nodes.values())
+    assert log.named("runtime_disk_ok") and "ERROR" not in sup.summary_line()
+    advance(sup, fos, 5.0)  # heartbeats resume
+    assert all(n.status.state is S.RUNNING for n in sup.nodes.values()) and not log.named("node_hung")
+    fos.advance(2.5)  # a real hang is a hang again
+    sup.tick()
+    assert log.named("node_hung") and not sup.runtime_disk.full
+
+
+def test_captured_logs_are_copied_and_truncated_while_the_nodes_run(tmp_path):
+    sup, fos, log = fake_sup(tmp_path, workers=1, log_max_bytes=1000)
+    start_all(sup, fos)
+    w = sup.nodes["worker_1"]
+    big = {sup.paths.stdout_log("worker_1"): b"o" * 5000, sup.paths.stderr_log("worker_1"): b"e" * 999,
+           sup.paths.detached_output: b"d" * 1000, sup.paths.events_log: b"v" * 3000}
+    sup.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    for path, data in big.items():
+        with open(path, "ab") as f:
+            f.write(data)
+    w.stdout_offset = 4000
+    advance(sup, fos, LOG_CHECK_S + 1.0, step=1.0)
+    for path, data in big.items():
+        if len(data) >= 1000:
+            assert path.stat().st_size == 0 and path.with_name(path.name + ".1").read_bytes() == data, path
+        else:
+            assert path.read_bytes() == data and not path.with_name(path.name + ".1").exists()
+    assert w.stdout_offset == 0  # the run tail starts at the truncated file's start
+    assert sorted(kw["path"] for kw in log.named("log_rotated")) == sorted(
+        str(p) for p, data in big.items() if len(data) >= 1000)
+
+
 # --------------------------------------------------------------------------- real processes
 
 def real_sup(tmp_path, reaper, monkeypatch, *, modes=None, workers=2, **supervisor) -> Supervisor:
@@ -420,6 +477,32 @@ def test_a_node_ignoring_sigterm_gets_sigkill(tmp_path, reaper, monkeypatch):
     assert info.signal == "SIGKILL" and "SIGKILL after the stop timeout" in info.detail
     assert sup.nodes["worker_2"].status.last_exit.returncode == 143  # checkpointed and exited
     assert 1.0 <= took < 3.0 and sup.exit_code == 143 and not alive(pid)
+
+
+def test_a_running_childs_output_truncated_in_place_stays_whole(tmp_path, reaper):
+    """Copy-and-truncate under a live writer (procs.spawn opens the capture with O_APPEND): the child's next line
+    lands at the start of the emptied file, not past a hole at its old offset; every file holds lines in order."""
+    out, err = tmp_path / "w.stdout.log", tmp_path / "w.stderr.log"
+    code = "import time\nfor i in range(10**9):\n    print(f'line {i:09d}', flush=True)\n    time.sleep(0.0002)"
+    proc = procs.spawn([sys.executable, "-c", code], env=None, cwd=tmp_path, stdout_path=out, stderr_path=err)
+    rotations = 0
+    try:
+        deadline = time.monotonic() + 60
+        while rotations < 3 and time.monotonic() < deadline:
+            rotations += truncate_if_large(out, max_bytes=20_000, backups=2)
+            time.sleep(0.01)
+        wait_for(lambda: out.stat().st_size > 1000, 30, "the child's lines after the last truncation")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert rotations == 3
+    files = rotated_files(out, backups=2)
+    assert [f.name for f in files] == ["w.stdout.log.2", "w.stdout.log.1", "w.stdout.log"]  # the oldest dropped
+    assert all(f.stat().st_size >= 20_000 for f in files[:2])
+    texts = [f.read_bytes() for f in files]
+    assert not any(b"\0" in t for t in texts)  # no hole: O_APPEND
+    numbers = [int(line.split()[1]) for t in texts for line in t.decode().splitlines()]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
 
 
 # ----- the supervisor as its own process (the CLI), as in production

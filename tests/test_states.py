@@ -6,7 +6,7 @@ import pytest
 
 from supervisor.states import (
     ALLOWED, EXIT_REASONS, RUNNING_STATES, STOPPED_STATES, ExitInfo, IllegalTransition, NodeState,
-    NodeStatus, RestartPolicy, change_state,
+    NodeStatus, RestartPolicy, change_state, set_condition,
 )
 
 S = NodeState
@@ -240,6 +240,31 @@ def test_hung_node_killed_through_stopping_goes_to_backoff():
     change_state(st, S.STOPPING, reason="hung: SIGKILL", now=400.0, log=None)
     assert fail(p, st, 401.0, info=ExitInfo(100, -9, "SIGKILL", "hung")) is None
     assert st.state is S.BACKOFF
+
+
+def test_a_condition_qualifies_running_and_ends_with_it():
+    log = RecordingLog()
+    st = NodeStatus("w", "worker")
+    with pytest.raises(ValueError, match="STARTING and RUNNING only"):
+        set_condition(st, "runtime_disk_full", reason="full", now=0.0, log=log)  # STOPPED: nothing to wait out
+    start(st, 0.0)
+    heartbeat(st, 1.0)
+    with pytest.raises(ValueError, match="unknown condition 'tired'; allowed: runtime_disk_full"):
+        set_condition(st, "tired", reason="?", now=2.0, log=log)
+    for t in (10.0, 11.0, 12.0):
+        set_condition(st, "runtime_disk_full", reason="runtime dir /rt is full", now=t, log=log)
+    assert st.state is S.RUNNING and st.condition == "runtime_disk_full" and st.condition_seen_at == 12.0
+    assert st.to_dict(now=13.0)["condition"] == "runtime_disk_full"
+    set_condition(st, None, reason="space returned", now=20.0, log=log)
+    assert st.condition is None and st.condition_seen_at == 12.0  # the grace after it runs from there
+    conditions = [(level, kw["condition"], kw["previous"]) for level, e, kw in log.events if e == "node_condition"]
+    assert conditions == [("warning", "runtime_disk_full", None), ("info", None, "runtime_disk_full")]  # changes only
+    set_condition(st, "runtime_disk_full", reason="full again", now=30.0, log=None)
+    change_state(st, S.STOPPING, reason="stop", now=31.0, log=None)
+    assert st.condition is None
+    change_state(st, S.STOPPED, reason="reaped", now=32.0, log=None)
+    start(st, 40.0, pid=101)
+    assert st.condition is None and st.condition_seen_at is None  # a new run starts clean
 
 
 def test_status_to_dict_is_json_ready():
