@@ -11,9 +11,10 @@ Guarantees: the current and the previous round are never touched, whatever ``kee
 treated as at least 2), nor is any round ahead of ``current_round``. Symlinks are never followed: every
 directory is opened relative to its parent's fd with ``O_NOFOLLOW`` (:mod:`node.fdtree`), so a round or
 stage dir swapped for a symlink between listing and deleting is unlinked, never entered, and no path is
-resolved twice (a symlink in a round dir is unlinked, not archived). Concurrent deletion is fine; a transient error stops
-that round's work, is reported, and the next call tries again. Runs under the store's ``retention`` lock;
-if another process holds it, the call returns at once with ``skipped`` set.
+resolved twice (a symlink in a round dir is unlinked, not archived). Concurrent deletion is fine; a
+transient error (retried first, as every store call) stops that round's work, is reported, and the next
+call tries again. Runs under the store's ``retention`` lock; if another process holds it, the call returns
+at once with ``skipped`` set.
 """
 
 from __future__ import annotations
