@@ -236,7 +236,10 @@ def checkpoint_rounds(store: SharedStore, layout: ExperimentLayout, node_id: str
     rounds = layout.rounds_present("checkpoints", listdir=lambda p: store.listdir(p))
     found = []
     for r in rounds:
-        st = store.lstat(layout.checkpoint_file(r, node_id))
+        try:
+            st = store.lstat(layout.checkpoint_file(r, node_id))
+        except ValueError:  # a round dir planted as a symlink out of the experiment
+            continue
         if st is not None and stat.S_ISREG(st.st_mode):
             found.append(r)
     return sorted(found, reverse=True)
@@ -379,7 +382,7 @@ def load_latest_checkpoint(store: SharedStore, layout: ExperimentLayout, node_id
     file read and what its zip members may add up to."""
     try:
         index = read_index(store, layout, node_id)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # unreachable, or checkpoints/ itself leads out of the experiment
         log.warning("checkpoint_index_unreachable", error=str(err))
         return None
     candidates = _candidates(store, layout, node_id, index)

@@ -323,3 +323,15 @@ def unlink_path(base: Path | str, path: Path | str, *, ops: FdOps = REAL_OPS, ca
 def rmdir_path(base: Path | str, path: Path | str, *, ops: FdOps = REAL_OPS, call: Call = direct) -> None:
     """Remove the empty directory ``path`` below ``base``; raises as ``rmdir`` does (ENOTEMPTY...)."""
     in_parent(base, path, lambda fd, name: call(lambda: ops.rmdir(name, dir_fd=fd), "rmdir"), ops=ops, call=call)
+
+
+def remove_under(bases: Sequence[Path | str], path: Path | str, *, ops: FdOps = REAL_OPS, call: Call = direct) -> None:
+    """:func:`remove_path` of ``path`` from the first of ``bases`` (e.g. the experiment and archive dirs)
+    it lies below, lexically; ValueError when it lies below none."""
+    for base in bases:
+        try:
+            relative_parts(base, path)
+        except ValueError:
+            continue
+        return remove_path(base, path, ops=ops, call=call)
+    raise ValueError(f"refusing path outside the experiment directory: {str(path)!r}")

@@ -324,3 +324,14 @@ def test_saving_over_a_path_the_store_refuses_fails_cleanly(store, layout, tmp_p
         assert not policy.save(store, layout, 0)
     assert any(e["event"] == "checkpoint_failed" for e in logs)
     assert list(Path(outside).iterdir()) == []
+
+
+def test_a_round_dir_planted_as_a_symlink_out_does_not_stop_a_resume(store, layout, tmp_path):
+    saved = train_and_save(store, layout, [0, 1])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / f"{NODE}.pt").write_bytes(torch_bytes(payload_of(Policy(seed=9), 7)))
+    os.symlink(outside, layout.root / "checkpoints" / "round_7", target_is_directory=True)
+    fresh = Policy(seed=5)
+    restored = fresh.load(store, layout)
+    assert restored.round == 1 and fresh.weights() == saved[1]

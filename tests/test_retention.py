@@ -465,3 +465,22 @@ def test_remove_path_refuses_paths_outside_the_base(tmp_path, victim):
     assert fdtree.is_not_a_dir(err.value)
     fdtree.remove_path(tmp_path / "exp", tmp_path / "exp" / "link")
     assert victim_intact(victim) and not os.path.lexists(tmp_path / "exp" / "link")
+    (tmp_path / "archive" / "round_1").mkdir(parents=True)
+    fdtree.remove_under([tmp_path / "exp", tmp_path / "archive"], tmp_path / "archive" / "round_1")
+    assert not (tmp_path / "archive" / "round_1").exists()
+    with pytest.raises(ValueError):
+        fdtree.remove_under([tmp_path / "exp", tmp_path / "archive"], victim / "top.txt")
+    assert victim_intact(victim)
+
+
+def test_fifos_and_oversized_files_are_neither_archived_nor_blocking(retain, layout, store):
+    populate(layout, range(4))
+    stage = layout.rollouts_dir(0, 0)
+    os.mkfifo(stage / "fifo.json")  # opening it for reading without O_NONBLOCK would hang
+    with open(stage / "huge.json", "wb") as f:
+        f.truncate(store.max_file_bytes + 1)  # sparse: refused by its size, never read
+    rep = retain(3, enabled=True, keep_last_n=2, archive=True)
+    assert rep.ok, rep.errors
+    archived = sorted(p.name for p in layout.archive_rollouts_dir(0).rglob("*.json"))
+    assert archived == ["w1.json", "w2.json"]
+    assert present(layout) == [2, 3]
