@@ -121,14 +121,15 @@ class Heartbeat:
                 self.failing_since = self.clock()
             self.write_errno = code
         if first:
-            log.warning("heartbeat_write_failed", path=str(self.path), errno=code, error=error,
-                        detail="the supervisor sees a silent node; it waits if the runtime disk is full")
+            _log_quietly(log.warning, "heartbeat_write_failed", path=str(self.path), errno=code, error=error,
+                         detail="the supervisor sees a silent node; it waits if the runtime disk is full")
 
     def _succeeded(self) -> None:
         with self._lock:
             since, self.failing_since, self.write_errno = self.failing_since, None, None
         if since is not None:
-            log.info("heartbeat_write_recovered", path=str(self.path), failed_for_s=round(self.clock() - since, 3))
+            _log_quietly(log.info, "heartbeat_write_recovered", path=str(self.path),
+                         failed_for_s=round(self.clock() - since, 3))
 
     def start(self) -> "Heartbeat":
         """Start the background thread (idempotent). Starting counts as progress: the set-up before it
@@ -153,3 +154,12 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.write()
+
+
+def _log_quietly(emit, event: str, **fields) -> None:
+    """Log, never raise: on a full disk the log's own write may fail too (structlog's default logger prints to
+    stdout, which the supervisor captures on that disk), and a heartbeat must not crash the loop calling it."""
+    try:
+        emit(event, **fields)
+    except (OSError, ValueError):
+        pass

@@ -111,9 +111,9 @@ def exit_info(node: ManagedNode, rc: int, tail: str) -> ExitInfo:
 
 @dataclass(frozen=True)
 class Hang:
-    """Why a STARTING or RUNNING node counts as hung. ``silent``: no heartbeat at all (none yet, or a stale
-    one), which is also what a full runtime disk looks like; otherwise its heartbeat thread is alive and
-    its main loop is stuck."""
+    """Why a STARTING or RUNNING node counts as hung. ``silent``: no heartbeat (none yet, or none for two
+    heartbeat intervals), which is also what a full runtime disk looks like; otherwise its heartbeat thread
+    is alive and its main loop is stuck."""
 
     detail: str
     silent: bool
@@ -140,8 +140,12 @@ def hung_verdict(node: ManagedNode, now: float, wall: float, sv: Any) -> Hang | 
         return Hang(f"no heartbeat for {wall - last_beat:.1f} s (heartbeat_timeout_s={timeout:g}): "
                     "the process is frozen", silent=True)
     if hb is not None and hb.status not in ("finished", "stopping") and wall - hb.progress_at > timeout:
+        # The last beat may be a little newer than the last progress: when both stop (a full disk) this check
+        # fires first. Beats late by two intervals make it a silence all the same.
+        late = wall - last_beat > 2 * sv.heartbeat_interval_s
         return Hang(f"main loop made no progress for {wall - hb.progress_at:.1f} s in phase {hb.phase!r} "
-                    f"(heartbeat_timeout_s={timeout:g}) while its heartbeat thread is alive", silent=False)
+                    f"(heartbeat_timeout_s={timeout:g})" + (", nor its heartbeat thread for "
+                    f"{wall - last_beat:.1f} s" if late else " while its heartbeat thread is alive"), silent=late)
     return None
 
 

@@ -355,6 +355,8 @@ def test_a_full_runtime_disk_holds_silent_nodes_reports_it_and_resumes(tmp_path,
     clear error names the dir and its free bytes (once a minute), and all is normal once space returns."""
     sup, fos, log = fake_sup(tmp_path, workers=1, runtime_dir=tiny_disk / "rt", heartbeat_timeout_s=2.0)
     start_all(sup, fos)
+    for name in sup.nodes:  # the last beat a little newer than the last progress: no "stuck main loop" verdict
+        beat(sup, fos, name, progress_age=0.09)
     filler = fill_disk(tiny_disk)
     advance(sup, fos, 120.0, step=0.5, beat_running=False)  # no node can write a heartbeat: 60 x the timeout
     assert not [s for s in fos.sent if s[1] == signal.SIGKILL] and len(fos.spawned) == 2
@@ -477,6 +479,30 @@ def test_a_node_ignoring_sigterm_gets_sigkill(tmp_path, reaper, monkeypatch):
     assert info.signal == "SIGKILL" and "SIGKILL after the stop timeout" in info.detail
     assert sup.nodes["worker_2"].status.last_exit.returncode == 143  # checkpointed and exited
     assert 1.0 <= took < 3.0 and sup.exit_code == 143 and not alive(pid)
+
+
+def test_real_nodes_on_a_full_runtime_disk_are_not_killed(tmp_path, reaper, monkeypatch, tiny_disk):
+    """Real fake nodes whose heartbeat writes fail with a real ENOSPC: none is killed or restarted, and once space
+    returns their heartbeats (Heartbeat.write) resume."""
+    monkeypatch.setenv("FAKE_NODE_RECORD", str(tmp_path / "record"))
+    cfg = fake_config(tmp_path / "shared", workers=1)
+    sup = Supervisor(cfg, node_command=FAKE_NODE, runtime_dir=tiny_disk / "rt", gpu=None,
+                     notifier=SdNotifier(environ={}), log=RecordingLog())
+    reaper.append(sup)
+    assert drive(sup, lambda: all_running(sup), timeout=15)
+    pids = {name: n.proc.pid for name, n in sup.nodes.items()}
+    filler = fill_disk(tiny_disk)
+    held = lambda: all(n.status.condition == "runtime_disk_full" for n in sup.nodes.values())  # noqa: E731
+    assert drive(sup, held, timeout=15)
+    drive(sup, timeout=2 * cfg.supervisor.heartbeat_timeout_s)  # silent for longer than the timeout
+    assert {name: n.proc.pid for name, n in sup.nodes.items()} == pids and all_running(sup)
+    assert sup.log.named("runtime_disk_full") and not sup.log.named("node_hung")
+    filler.unlink()
+    fresh = lambda: all(n.status.condition is None and n.heartbeat and time.time() - n.heartbeat.heartbeat_at < 1  # noqa: E731
+                        for n in sup.nodes.values())
+    assert drive(sup, fresh, timeout=15)
+    assert {name: n.proc.pid for name, n in sup.nodes.items()} == pids and all(
+        n.status.restarts == 0 for n in sup.nodes.values())
 
 
 def test_a_running_childs_output_truncated_in_place_stays_whole(tmp_path, reaper):
