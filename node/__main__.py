@@ -149,13 +149,14 @@ def main(argv=None) -> int:
     store = SharedStore.from_config(config, node_id=node_id, signer=signer)
     heartbeat = Heartbeat(runtime_dir, node_id, role, config.supervisor.heartbeat_interval_s)
     try:
-        join_experiment(store, layout, config, node_id, stop)
+        join_experiment(store, layout, config, node_id, stop, repair=role == "coordinator")
         log.info("node_starting", experiment=str(config.experiment_dir), model=config.model.name)
         if role == "coordinator":
             from node.coordinator import Coordinator
 
             heartbeat.start()
-            return Coordinator(config, node_id, store=store, layout=layout, heartbeat=heartbeat, stop=stop).run()
+            return Coordinator(config, node_id, store=store, layout=layout, heartbeat=heartbeat, stop=stop,
+                               local_state=runtime_dir / "coordinator.state.json").run()
         return run_worker(config, node_id, store=store, layout=layout, heartbeat=heartbeat, stop=stop)
     except StopRequested:
         log.info("node_stopped_before_start")
@@ -184,7 +185,8 @@ def make_signer(config, key_file: str | None, runtime_dir) -> Signer:
     return Signer(key, required=required)
 
 
-def join_experiment(store, layout, config, node_id: str, stop: StopFlag, *, retry_s: float = 5.0) -> None:
+def join_experiment(store, layout, config, node_id: str, stop: StopFlag, *, retry_s: float = 5.0,
+                    repair: bool = False) -> None:
     """Create the layout and check our config against the experiment's, waiting out a mount that is away.
 
     A Drive outage at start-up is not a configuration error: keep trying (the supervisor's start-up
@@ -193,7 +195,7 @@ def join_experiment(store, layout, config, node_id: str, stop: StopFlag, *, retr
     while True:
         try:
             store.ensure_layout()
-            ensure_config_snapshot(store, layout, config, node_id)
+            ensure_config_snapshot(store, layout, config, node_id, repair=repair)
             return
         except OSError as err:
             if not is_transient(err):

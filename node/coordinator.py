@@ -5,37 +5,54 @@ Strategies (config ``coordinator.strategy``):
 - ``completion``: advance when every live worker has submitted its round result;
 - ``hybrid`` (default): completion, or ``round_timeout_s`` after the round started, whichever comes first.
 
-Live means a peer record younger than the heartbeat timeout, so a dead worker never stalls a round. The
-first round starts once the expected number of workers has registered (or after ``round_timeout_s``), so
-a staggered start does not leave the last workers out of round 0. After ``max_rounds`` it writes a final
-state (``finished: true``) and exits 0; restarted, it resumes from the state file and never goes back.
+Live means a peer record that kept changing within the heartbeat timeout *as seen by our clock*
+(:mod:`node.liveness`), so a dead worker never stalls a round and a record dated in the future does not
+make one look alive. A round counts as complete only with results from live workers that appeared after
+the round started (a result planted ahead of time does not count). Round 0 starts once the expected
+number of workers has registered, waiting as long as the supervisor waits for a start-up
+(``startup_timeout_s``), so a slow load on a busy machine never leaves a worker out of round 0.
+
+The state the coordinator resumes from is never taken on trust: a state file that is forged, unreadable,
+from a newer version, or implausible (:mod:`node.plausible`) is replaced by the coordinator's own local
+copy (``<runtime dir>/coordinator.state.json``), else by the highest round with a signed result; an
+experiment with progress is never sent back to round 0 (a clear error instead). While running, a state
+file changed behind its back is rewritten. After ``max_rounds`` it writes a final state (``finished:
+true``) and exits 0.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import structlog
 
+from node import fsio
 from node.config import ExperimentConfig
 from node.heartbeat import Heartbeat
-from node.layout import ExperimentLayout
+from node.layout import ExperimentLayout, parse_round_dir
+from node.liveness import PeerTracker
 from node.logs import bind
+from node.plausible import state_problem
 from node.retention import apply_retention
-from node.runtime import EXIT_FINISHED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested, live_workers
+from node.runtime import EXIT_FINISHED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested
 from node.schemas import RoundResult, RoundState
 from node.storage import SharedStore
+from node.strict_json import encode_json, parse_json_bytes
+from sapo.config import ConfigError
 
 log = structlog.get_logger(__name__)
 
 STAGE = 0
+_EVIDENCE_ROUNDS = 16  # round directories looked at (newest first) when recovering the round from results
 
 
 def decide_advance(strategy: str, *, elapsed_s: float, interval_s: float, timeout_s: float,
                    live: set[str], submitted: set[str]) -> str | None:
     """Why the current round should end now (a short reason), or None to keep waiting. Pure."""
-    complete = bool(submitted) and live <= submitted
+    complete = bool(live) and live <= submitted  # results from workers that are not live do not count
     if strategy == "time":
         return "interval" if elapsed_s >= interval_s else None
     if complete:
@@ -49,42 +66,150 @@ class Coordinator:
     """Runs the round clock of one experiment."""
 
     def __init__(self, config: ExperimentConfig, node_id: str, *, store: SharedStore, layout: ExperimentLayout,
-                 heartbeat: Heartbeat, stop: StopFlag, clock=time.time):
+                 heartbeat: Heartbeat, stop: StopFlag, clock=time.time, local_state: Path | None = None):
         self.config, self.node_id, self.store, self.layout = config, node_id, store, layout
         self.heartbeat, self.stop, self.clock = heartbeat, stop, clock
+        self.local_state = local_state
         self.peer = PeerRegistration(store, layout, node_id, "coordinator", config.supervisor.heartbeat_interval_s)
+        self.peers = PeerTracker(store, layout, config.supervisor.heartbeat_timeout_s, clock=clock,
+                                 rng=random.Random(config.experiment.seed))
+        self._written: tuple[RoundState, tuple | None] | None = None  # what we last wrote, its file signature
+        self._stale_results: dict[str, tuple] = {}  # results already there when the current round started
 
     # --- state file ---------------------------------------------------------------------------------
     def load_state(self) -> RoundState | None:
-        """The existing state, waiting out an unreachable mount (an outage must not look like round 0)."""
+        """The state to resume from, or None for a fresh experiment (see the module doc). Waits out an
+        unreachable mount (an outage must not look like round 0); raises ConfigError when the state file
+        cannot be used and nothing else tells the round."""
+        cfg = self.config
+        shared, why = self._read_shared_state()
+        candidates = []
+        for source, state in (("shared", shared), ("local copy", self._read_local_state())):
+            if state is None:
+                continue
+            problem = state_problem(state, max_rounds=cfg.experiment.max_rounds)
+            if problem:
+                log.warning("state_refused", source=source, reason=problem)
+                why = why or problem
+                continue
+            candidates.append(state)
+        if candidates:
+            best = max(candidates, key=lambda st: (st.round, st.finished))
+            if best is not shared:
+                log.warning("state_restored", source="local copy", round=best.round,
+                            shared_state=why or f"round {shared.round}")
+            return best
+        evidence = self.highest_result_round()
+        if evidence is not None and evidence < cfg.experiment.max_rounds:
+            log.warning("state_recovered_from_results", round=evidence, shared_state=why)
+            now = self.clock()
+            return RoundState(experiment=cfg.experiment.name, round=evidence, stage=STAGE, started_at=now,
+                              updated_at=now, finished=False, max_rounds=cfg.experiment.max_rounds)
+        if why == "missing" or (why and not self._has_progress() and "newer than supported" not in why):
+            if why != "missing":
+                log.warning("state_replaced", reason=why, detail="no progress anywhere: starting at round 0")
+            return None
+        hint = (" If an older version (without signatures) ran this experiment, launch with --set "
+                "exchange.require_signatures=false." if why == "unsigned" else "")
+        raise ConfigError("state", f"state/current_state.json cannot be used ({why}) and neither a local copy "
+                          "nor a round result tells the current round; refusing to restart the experiment at "
+                          "round 0. Restore the file, or start a new experiment name." + hint)
+
+    def _read_shared_state(self) -> tuple[RoundState | None, str | None]:
         while True:
             try:
-                return self.store.read_as(self.layout.state_file(), RoundState.from_json, raise_unreachable=True,
-                                          expect_experiment=self.config.experiment.name)
+                state, why = self.store.read_as_or_reason(self.layout.state_file(), RoundState.from_json,
+                                                          expect_experiment=self.config.experiment.name)
+                return state, why
             except OSError as err:
                 log.warning("state_unreachable", error=str(err))
                 self.heartbeat.progress("state_unreachable")
                 self.stop.sleep(self.config.coordinator.poll_interval_s * 5)
 
+    def _read_local_state(self) -> RoundState | None:
+        if self.local_state is None:
+            return None
+        try:
+            data, _ = fsio.read_capped(self.local_state, 64 * 1024)
+            return RoundState.from_json(parse_json_bytes(data), expect_experiment=self.config.experiment.name)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, fsio.BadFile) as err:
+            log.warning("local_state_unusable", path=str(self.local_state), error=str(err)[:200])
+            return None
+
+    def highest_result_round(self) -> int | None:
+        """The newest round with at least one valid (signed) round result, or None."""
+        names = self.store.listdir(self.layout.root / "rewards")
+        rounds = sorted((r for r in map(parse_round_dir, names) if r is not None), reverse=True)
+        for round_ in rounds[:_EVIDENCE_ROUNDS]:
+            if self.submitted(round_):
+                return round_
+        return None
+
+    def _has_progress(self) -> bool:
+        """Any round directory of results or checkpoints: the experiment ran at least one round."""
+        return any(parse_round_dir(n) is not None for kind in ("rewards", "checkpoints")
+                   for n in self.store.listdir(self.layout.root / kind))
+
     def write_state(self, state: RoundState) -> None:
-        """Write the state; retried until it lands (the coordinator is useless without it)."""
+        """Write the state (retried until it lands: the coordinator is useless without it), then our local
+        copy (best effort: it only matters if the shared one is later lost or forged)."""
         while True:
             try:
                 self.store.write_json_atomic(self.layout.state_file(), state.to_json(), retries=True)
-                return
+                break
             except OSError as err:
                 log.warning("state_write_failed", error=str(err))
                 self.heartbeat.progress("state_write_failed")
                 self.stop.sleep(self.config.coordinator.poll_interval_s * 5)
+        self._written = (state, _file_signature(self.store.lstat(self.layout.state_file())))
+        if self.local_state is not None:
+            try:
+                fsio.write_atomic(self.local_state, encode_json(state.to_json()))
+            except OSError as err:
+                log.warning("local_state_write_failed", path=str(self.local_state), error=str(err))
+
+    def guard_state_file(self) -> None:
+        """Rewrite the state file when it changed behind our back (forged, replaced, deleted): one lstat
+        per call while nothing happens."""
+        if self._written is None:
+            return
+        state, sig = self._written
+        now_sig = _file_signature(self.store.lstat(self.layout.state_file()))
+        if now_sig is not None and now_sig == sig:
+            return
+        on_disk, why = self.store.read_as_or_reason(self.layout.state_file(), RoundState.from_json,
+                                                    expect_experiment=self.config.experiment.name)
+        if on_disk == state:
+            self._written = (state, now_sig)
+            return
+        log.warning("state_repaired", found=why or f"round {on_disk.round}", round=state.round)
+        self.write_state(state)
 
     def submitted(self, round_: int) -> set[str]:
-        """Workers with a valid round result for ``round_``."""
+        """Workers with a valid round result for ``round_`` (results that were already there when the
+        round started do not count)."""
         names = set()
         for path in self.store.list_json(self.layout.rewards_dir(round_, STAGE)):
+            if self._stale_results.get(path.stem) is not None and \
+                    self._stale_results[path.stem] == _file_signature(self.store.lstat(path)):
+                continue
             if self.store.read_as(path, RoundResult.from_json, expect_round=round_, expect_stage=STAGE,
                                   expect_node=path.stem) is not None:
                 names.add(path.stem)
         return names
+
+    def _note_stale_results(self, round_: int) -> None:
+        """Remember the result files already present for a round that starts now."""
+        stale = {}
+        for path in self.store.list_json(self.layout.rewards_dir(round_, STAGE)):
+            sig = _file_signature(self.store.lstat(path))
+            if sig is not None:
+                stale[path.stem] = sig
+        if stale:
+            log.warning("results_before_round_start", round=round_, nodes=sorted(stale)[:20], count=len(stale))
+        self._stale_results = stale
 
     # --- loop ---------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -98,6 +223,7 @@ class Coordinator:
                 log.info("experiment_started", max_rounds=cfg.experiment.max_rounds)
             elif state.finished:
                 log.info("experiment_already_finished", round=state.round)
+                self.write_state(state)
                 return EXIT_FINISHED
             else:
                 log.info("coordinator_resumed", round=state.round)
@@ -115,7 +241,7 @@ class Coordinator:
     def resume(self, state: RoundState) -> RoundState:
         """After a crash or a host restart: hold the current round until the workers that were active
         before (those with a result for this or the previous round) have refreshed their peer record since
-        we resumed (a record from before a kill may still look live), or ``round_timeout_s`` passed, then
+        we resumed (a record from before a kill may still look live), or the start-up timeout passed, then
         restart the round's clock. Otherwise the first worker up would race through the rounds
         alone while the others start (staggered, minutes for large models), and a round begun before a long
         outage would time out before anyone could train it. Round 0 waits as at the start."""
@@ -126,11 +252,9 @@ class Coordinator:
             expected = self.submitted(state.round - 1) | self.submitted(state.round)
             started = self.clock()
             while True:
-                live = {name for name, record in live_workers(self.store, self.layout,
-                                                              cfg.supervisor.heartbeat_timeout_s).items()
-                        if record.heartbeat_at >= started}
+                live = {name for name in self.peers.live_workers() if self.peers.changed_since(name, started)}
                 waited = self.clock() - started
-                if expected <= live or waited >= cfg.coordinator.round_timeout_s:
+                if expected <= live or waited >= cfg.supervisor.startup_timeout_s:
                     log.info("swarm_resuming", round=state.round, expected=sorted(expected), live=sorted(live),
                              waited_s=round(waited, 1))
                     break
@@ -143,13 +267,14 @@ class Coordinator:
         return state
 
     def wait_for_workers(self) -> RoundState:
-        """Hold round 0 until the expected workers registered, or ``round_timeout_s`` passed."""
+        """Hold round 0 until the expected workers registered, or the supervisor's start-up timeout passed
+        (a worker loading its model on a busy machine may take far longer than a round)."""
         cfg = self.config
         started = self.clock()
         while True:
-            live = live_workers(self.store, self.layout, cfg.supervisor.heartbeat_timeout_s)
+            live = self.peers.live_workers()
             waited = self.clock() - started
-            if len(live) >= cfg.supervisor.workers or waited >= cfg.coordinator.round_timeout_s:
+            if len(live) >= cfg.supervisor.workers or waited >= cfg.supervisor.startup_timeout_s:
                 log.info("swarm_starting", workers=sorted(live), waited_s=round(waited, 1))
                 now = self.clock()
                 return RoundState(experiment=cfg.experiment.name, round=0, stage=STAGE, started_at=now,
@@ -163,7 +288,8 @@ class Coordinator:
         cfg = self.config
         bind(round=state.round)
         now = self.clock()
-        live = set(live_workers(self.store, self.layout, cfg.supervisor.heartbeat_timeout_s, now=now))
+        self.guard_state_file()
+        live = set(self.peers.live_workers())
         submitted = self.submitted(state.round)
         self.heartbeat.progress("coordinating", round_=state.round, status="running")
         self.peer.update(round_=state.round, status="running")
@@ -176,6 +302,8 @@ class Coordinator:
         finished = next_round >= cfg.experiment.max_rounds
         new = replace(state, round=next_round, started_at=now, updated_at=now, finished=finished,
                       max_rounds=cfg.experiment.max_rounds)
+        if not finished:
+            self._note_stale_results(next_round)
         self.write_state(new)
         log.info("round_advanced", round=state.round, next_round=next_round, reason=reason,
                  submitted=sorted(submitted), live=sorted(live), finished=finished)
@@ -184,3 +312,8 @@ class Coordinator:
                                      keep_last_n=cfg.exchange.keep_last_n_rounds, archive=cfg.exchange.archive_old)
             log.info("retention_applied", deleted=report.deleted, archived=report.archived, errors=report.errors)
         return new
+
+
+def _file_signature(st) -> tuple | None:
+    """(mtime, size, inode) of an lstat result, None for a missing file."""
+    return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -7,7 +7,9 @@ them with their own scores and never use them.
 
 from __future__ import annotations
 
+import random
 import time
+from typing import Iterable
 
 import structlog
 
@@ -84,18 +86,22 @@ def peer_files_present(store: SharedStore, layout: ExperimentLayout, round_: int
 
 
 def fetch_shared_groups(store: SharedStore, layout: ExperimentLayout, round_: int, own_id: str,
-                        max_peers: int) -> tuple[list[SharedGroup], int]:
-    """Every valid peer group of ``round_`` and the number of files skipped as invalid.
+                        max_peers: int, *, peers: Iterable[str], rng: random.Random) -> tuple[list[SharedGroup], int]:
+    """Every valid group of ``round_`` from at most ``max_peers`` of ``peers`` (node ids with a valid peer
+    record, never names found in the rollouts directory: junk files there cannot crowd real peers out),
+    picked in ``rng``'s order, and the number of files skipped as invalid.
 
-    Each file is checked by SharedStore.read_as + RolloutFile.from_json: size cap, no symlinks, JSON
-    depth, schema, finite numbers, and a peer id / round / stage matching the file's path.
+    Each file is checked by SharedStore.read_as + RolloutFile.from_json: signature, size cap, no symlinks,
+    JSON depth, schema, finite numbers, and a peer id / round / stage matching the file's path.
     """
+    present = peer_files_present(store, layout, round_, own_id)
+    chosen = sorted(set(peers) & present)
+    rng.shuffle(chosen)
     groups: list[SharedGroup] = []
     rejected = 0
-    paths = sorted(p for p in store.list_json(layout.rollouts_dir(round_, STAGE)) if p.stem != own_id)
-    for path in paths[:max_peers]:
-        file = store.read_as(path, RolloutFile.from_json, expect_round=round_, expect_stage=STAGE,
-                             expect_node=path.stem)
+    for peer in chosen[:max_peers]:
+        file = store.read_as(layout.rollout_file(round_, STAGE, peer), RolloutFile.from_json, expect_round=round_,
+                             expect_stage=STAGE, expect_node=peer)
         if file is None:
             rejected += 1
             continue

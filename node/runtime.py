@@ -74,17 +74,30 @@ def _identity(config_dict: dict) -> dict:
     return {f"{a}.{b}": config_dict.get(a, {}).get(b) for a, b in IDENTITY_FIELDS}
 
 
-def ensure_config_snapshot(store: SharedStore, layout: ExperimentLayout, config: ExperimentConfig, node_id: str) -> None:
+def ensure_config_snapshot(store: SharedStore, layout: ExperimentLayout, config: ExperimentConfig, node_id: str,
+                           *, repair: bool = False) -> None:
     """Write ``state/config.json`` if this is the experiment's first node; else check ours agrees.
+
+    A snapshot that cannot be verified (unsigned, another key, unreadable) is logged and ignored, never a
+    reason to stop; with ``repair`` (the coordinator) it is replaced by ours.
 
     A node whose I/J/G, model, seed or task mix differs from the experiment's refuses to start
     (ConfigError, exit code 2) instead of exchanging rollouts its peers cannot use.
     """
     mine = config.to_dict()
     with store.lock("config-snapshot"):
-        existing = store.read_as(layout.config_file(), ConfigSnapshot.from_json, raise_unreachable=True,
-                                 expect_experiment=config.experiment.name)
+        existing, why = store.read_as_or_reason(layout.config_file(), ConfigSnapshot.from_json,
+                                                expect_experiment=config.experiment.name)
+        if existing is None and why != "missing" and not repair:
+            # Forged, or signed with another key (this node was given the wrong one): either way it cannot
+            # speak for the experiment, and it must not stop this node. The coordinator rewrites it.
+            log.error("config_snapshot_unverified", reason=why, hint="state/config.json cannot be verified; if "
+                      "this node runs on another host, give it the experiment's key (SWARM_KEY or --key-file; "
+                      "the supervisor keeps it in its runtime dir as swarm.key)")
+            return
         if existing is None:
+            if why != "missing":
+                log.warning("config_snapshot_repaired", reason=why)
             snapshot = ConfigSnapshot(experiment=config.experiment.name, written_by=node_id,
                                       written_at=time.time(), config=mine)
             store.write_json_atomic(layout.config_file(), snapshot.to_json(), retries=True)
@@ -123,16 +136,3 @@ class PeerRegistration:
             self.last_write = now
         except OSError as err:
             log.warning("peer_record_write_failed", error=str(err))
-
-
-def live_workers(store: SharedStore, layout: ExperimentLayout, timeout_s: float, *, now: float | None = None) -> dict[str, PeerRecord]:
-    """Workers whose peer record is younger than ``timeout_s`` and not finished."""
-    now = time.time() if now is None else now
-    out = {}
-    for path in store.list_json(layout.peers_dir()):
-        record = store.read_as(path, PeerRecord.from_json, expect_node=path.stem)
-        if record is None or record.role != "worker" or record.status == "finished":
-            continue
-        if now - record.heartbeat_at <= timeout_s:
-            out[record.node_id] = record
-    return out

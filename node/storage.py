@@ -34,7 +34,7 @@ from typing import Any, Callable, TypeVar
 import filelock
 import structlog
 
-from node import fsio
+from node import fdtree, fsio
 from node.config import plain_name_problem
 from node.confine import Confinement
 from node.fsio import BadFile, RealFS
@@ -107,6 +107,8 @@ class SharedStore:
         self.max_json_depth = max_json_depth
         self.signer = signer if signer is not None else Signer(None, required=False)
         self.rejected: Counter[str] = Counter()  # files (and lines) refused on read, per reason
+        # Something planted at one of our own paths (a FIFO, a directory, a hard link) is moved here.
+        self.quarantine_dir = self.layout.quarantine_dir()
         self.fs = fs if fs is not None else RealFS()
         self._retry = RetryPolicy(attempts=retry_attempts, base_delay=retry_base_delay, max_delay=retry_max_delay,
                                   sleep=sleep, rng=rng if rng is not None else random.Random())
@@ -153,13 +155,14 @@ class SharedStore:
         self.write_bytes_atomic(path, self.encode_signed(path, obj), retries=retries)
 
     def write_bytes_atomic(self, path: Path | str, data: bytes, *, retries: bool = False) -> None:
-        """:func:`node.fsio.write_atomic` inside the experiment: on any failure the old content (if any) is
+        """:func:`node.fsio.write_atomic` inside the experiment (anything but a regular file at ``path`` is
+        moved to the quarantine dir first, with one warning): on any failure the old content (if any) is
         intact. With ``retries`` transient errors are retried (the whole sequence, with backoff); else they
         propagate."""
         if retries:
             self._retry(lambda: self.write_bytes_atomic(path, data), "write")
             return
-        fsio.write_atomic(self._confine.check_writable(path), data, fs=self.fs)
+        fsio.write_atomic(self._confine.check_writable(path), data, fs=self.fs, quarantine_dir=self.quarantine_dir)
 
     def publish(self, path: Path | str, obj: Any) -> bool:
         """Write ``obj`` to ``path`` atomically, with retries. True when it is in the shared dir; False
@@ -178,7 +181,7 @@ class SharedStore:
         self.flush_spool(attempts=1)
 
         def append() -> None:
-            self._retry(lambda: fsio.append_bytes(p, line, fs=self.fs), "append")
+            self._retry(lambda: fsio.append_bytes(p, line, fs=self.fs, quarantine_dir=self.quarantine_dir), "append")
         return self._spool.send_line(p, line, append, self.lock(self._append_lock_name(p)))
 
     def encode_signed(self, path: Path | str, obj: Any) -> bytes:
@@ -216,7 +219,7 @@ class SharedStore:
         if append:
             with self.lock(self._append_lock_name(target)):
                 p = self.check_inside(target)
-                self._retry(lambda: fsio.append_bytes(p, data, fs=self.fs), "flush_append", attempts)
+                self._retry(lambda: fsio.append_bytes(p, data, fs=self.fs, quarantine_dir=self.quarantine_dir), "flush_append", attempts)
         else:
             self._retry(lambda: self.write_bytes_atomic(target, data), "flush_spool", attempts)
 
@@ -244,18 +247,34 @@ class SharedStore:
         """``parse(read_json(path), **expect)`` — e.g. ``read_as(p, RolloutFile.from_json, expect_round=5)``
         — or None with one warning per bad file version, whether the bytes, the JSON or the schema is bad.
         ``raise_unreachable`` as in :meth:`read_json`."""
-        def read():
-            data, sig = self._read_checked(path, max_bytes)
-            data = self.verified(path, data, sig)
-            try:
-                obj = parse_json_bytes(data, max_depth=self.max_json_depth)
-            except ValueError as err:
-                raise BadFile(str(err), sig) from None
-            try:
-                return parse(obj, **expect)
-            except ValueError as err:  # SchemaError is a ValueError
-                raise BadFile(f"schema: {err}", sig) from None
-        return self._tolerant(path, read, None, raise_unreachable)
+        return self._tolerant(path, lambda: self._parse_file(path, parse, max_bytes, expect), None, raise_unreachable)
+
+    def read_as_or_reason(self, path: Path | str, parse: Callable[..., T], *, max_bytes: int | None = None,
+                          **expect) -> tuple[T | None, str | None]:
+        """(value, None), or (None, why): ``"missing"``, or the reason the file was refused (``unsigned``,
+        ``bad signature``, ``schema: ... newer than supported``...). For callers to whom a refused file and
+        no file differ (a coordinator must never take a forged state for a fresh experiment). Transient
+        errors that outlive the retries raise their OSError; a refusal is counted and warned about as in
+        :meth:`read_as`."""
+        try:
+            return self._tolerant(path, lambda: self._parse_file(path, parse, max_bytes, expect), None,
+                                  raise_unreachable=True, reraise_bad=True), None
+        except FileNotFoundError:
+            return None, "missing"
+        except BadFile as bad:
+            return None, bad.reason
+
+    def _parse_file(self, path: Path | str, parse: Callable[..., T], max_bytes: int | None, expect: dict) -> T:
+        data, sig = self._read_checked(path, max_bytes)
+        data = self.verified(path, data, sig)
+        try:
+            obj = parse_json_bytes(data, max_depth=self.max_json_depth)
+        except ValueError as err:
+            raise BadFile(str(err), sig) from None
+        try:
+            return parse(obj, **expect)
+        except ValueError as err:  # SchemaError is a ValueError
+            raise BadFile(f"schema: {err}", sig) from None
 
     def read_jsonl(self, path: Path | str, *, max_bytes: int = fsio.DEFAULT_MAX_JSONL_BYTES) -> tuple[list[dict], int]:
         """:func:`node.fsio.read_jsonl` of a file in the shared dir: its JSON-object lines among the first
@@ -282,17 +301,23 @@ class SharedStore:
         p = self.check_inside(path)
         return self._retry(lambda: fsio.read_capped(p, self._cap(max_bytes), fs=self.fs), "read")[0]
 
-    def _tolerant(self, path: Path | str, read: Callable[[], T], default: T, raise_unreachable: bool = False) -> T:
-        """``read()``, or ``default`` when the file is missing or refused (one warning per file version)."""
+    def _tolerant(self, path: Path | str, read: Callable[[], T], default: T, raise_unreachable: bool = False,
+                  reraise_bad: bool = False) -> T:
+        """``read()``, or ``default`` when the file is missing or refused (one warning per file version);
+        ``reraise_bad`` raises FileNotFoundError / the BadFile after counting and warning instead."""
         try:
             value = read()
         except FileNotFoundError:
+            if reraise_bad:
+                raise
             return default
         except BadFile as bad:
             if raise_unreachable and isinstance(bad, Unreachable):
                 raise bad.error from None
             self.rejected[rejection_kind(bad.reason)] += 1
             self._warn(path, bad.signature, "peer_file_rejected", reason=bad.reason)
+            if reraise_bad:
+                raise
             return default
         self._warn.clear(path)
         return value
@@ -371,9 +396,10 @@ class SharedStore:
 
     # -- deletion (retention) and locks ---------------------------------------------------------------
     def remove_tree(self, path: Path | str) -> None:
-        """:func:`node.fsio.remove_tree` inside the experiment, each OS call with retries: symlinks are
-        unlinked, never entered; entries that vanish meanwhile are fine; other errors propagate."""
-        fsio.remove_tree(self.check_inside(path), fs=self.fs, call=self._retry)
+        """Delete a file or tree inside the experiment (or archive) dir through directory file descriptors
+        (:func:`node.fdtree.remove_under`: no path is resolved twice, symlinks are unlinked, never entered),
+        each OS call with retries; entries that vanish meanwhile are fine, other errors propagate."""
+        fdtree.remove_under(self._confine.bases, self.check_inside(path), call=self._retry)
 
     def lock(self, name: str, *, timeout: float = -1) -> filelock.FileLock:
         """A file lock ``<lock_dir>/<name>.lock`` for read-modify-write sequences on this host. The same

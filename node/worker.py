@@ -27,7 +27,9 @@ from node.heartbeat import Heartbeat
 from node.layout import ExperimentLayout
 from node.logs import bind
 from node.records import RunRecords
-from node.runtime import EXIT_FINISHED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested, live_workers
+from node.liveness import PeerTracker
+from node.plausible import state_problem
+from node.runtime import EXIT_FINISHED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested
 from node.schemas import RoundResult, RoundState
 from node.storage import SharedStore
 from sapo.learner import SapoLearner, mean_reward
@@ -52,6 +54,11 @@ class Worker:
         self.records = RunRecords(store, layout, node_id)
         self.last_done = -1  # the last round whose training step is in the weights
         self.last_checkpoint = -1
+        self.peers = PeerTracker(store, layout, config.supervisor.heartbeat_timeout_s,
+                                 rng=random.Random(derived_seed(config.experiment.seed, node_id, "peers")))
+        self.last_state: RoundState | None = None  # the last state accepted (states never go back)
+        self._refused_state: str | None = None
+        self._rejected_seen = dict(store.rejected)
 
     # --- start and stop -----------------------------------------------------------------------------
     def resume(self) -> None:
@@ -136,9 +143,22 @@ class Worker:
             log.warning("rounds_skipped", rounds=skipped, joined=joined)
 
     def read_state(self) -> RoundState | None:
-        """The coordinator's state, or None while it is absent or unreadable."""
-        return self.store.read_as(self.layout.state_file(), RoundState.from_json,
-                                  expect_experiment=self.config.experiment.name)
+        """The coordinator's state, or None while it is absent, unreadable, unsigned or implausible (a round
+        beyond max_rounds, "finished" too early, a round going back: see node.plausible), one warning each
+        time the refused state changes."""
+        state = self.store.read_as(self.layout.state_file(), RoundState.from_json,
+                                   expect_experiment=self.config.experiment.name)
+        if state is None:
+            return None
+        problem = state_problem(state, max_rounds=self.config.experiment.max_rounds, previous=self.last_state)
+        if problem:
+            if problem != self._refused_state:
+                log.warning("state_refused", reason=problem, round=state.round)
+                self._refused_state = problem
+            return None
+        self._refused_state = None
+        self.last_state = state
+        return state
 
     def wait_for_round(self) -> RoundState:
         """Block until the coordinator's round is one we have not trained yet, or the run is over."""
@@ -173,6 +193,7 @@ class Worker:
                              submitted_at=time.time())
         self.store.publish(self.layout.reward_file(round_, STAGE, self.node_id), result.to_json())
         metrics = metrics_line(local, selection, rejected, published, gen, stats, timings)
+        metrics["files_rejected"] = self._rejections_since_last_round()
         self.records.metrics(round_, metrics)
         if metrics["oom_halvings"]:
             log.warning("out_of_memory_recovered", halvings=metrics["oom_halvings"], generate_calls=gen.calls,
@@ -205,8 +226,10 @@ class Worker:
         shared, rejected = ([], 0)
         with phase(timings, "fetch_s"):
             if cfg.sapo.num_transplant_trees > 0:
+                rng = random.Random(derived_seed(cfg.experiment.seed, self.node_id, round_, "peers"))
                 shared, rejected = fetch_shared_groups(self.store, self.layout, round_, self.node_id,
-                                                       cfg.exchange.fetch_max_peers)
+                                                       cfg.exchange.fetch_max_peers,
+                                                       peers=self.peers.known_workers() - {self.node_id}, rng=rng)
         with phase(timings, "select_s"):
             rng = random.Random(derived_seed(cfg.experiment.seed, self.node_id, round_, "external"))
             selection = self.learner.select_external(shared, self.node_id, rng)
@@ -216,6 +239,13 @@ class Worker:
                         used=reason == "reward_disagreement")
         return selection, rejected, published
 
+    def _rejections_since_last_round(self) -> dict[str, int]:
+        """Shared-dir files (and lines) refused since the last metrics line, per reason."""
+        now = dict(self.store.rejected)
+        delta = {k: v - self._rejected_seen.get(k, 0) for k, v in now.items() if v > self._rejected_seen.get(k, 0)}
+        self._rejected_seen = now
+        return delta
+
     def wait_for_peers(self, round_: int) -> None:
         """Wait, bounded, until every live peer published round ``round_`` (or the round moved on)."""
         cfg = self.config
@@ -223,7 +253,7 @@ class Worker:
             return
         deadline = time.monotonic() + cfg.exchange.fetch_timeout_s
         while time.monotonic() < deadline:
-            live = set(live_workers(self.store, self.layout, cfg.supervisor.heartbeat_timeout_s)) - {self.node_id}
+            live = set(self.peers.live_workers()) - {self.node_id}
             present = peer_files_present(self.store, self.layout, round_, self.node_id)
             if live <= present:
                 return

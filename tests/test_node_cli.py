@@ -35,7 +35,7 @@ def test_configuration_errors_exit_2_without_traceback(tmp_path, args, env, word
 
 
 def test_worker_with_other_ijg_than_the_experiment_refuses(tmp_path):
-    first = _node(tmp_path, "--role", "coordinator", "--set", "coordinator.round_timeout_s=0.1",
+    first = _node(tmp_path, "--role", "coordinator", "--set", "supervisor.startup_timeout_s=0.1",
                   "--set", "experiment.max_rounds=1", "--set", "coordinator.strategy=time",
                   "--set", "coordinator.round_interval_s=0.1")
     assert first.returncode == 0, first.stderr

@@ -50,6 +50,7 @@ def _publish_peer(tmp_path, round_: int, peer_id="worker_2") -> None:
     peer = _worker(tmp_path, node_id=peer_id)
     groups, _ = peer.learner.generate(peer.learner.sample_questions(peer_id, round_), seed=round_, source=peer_id)
     peer.publisher.publish(groups, round_)
+    peer.peer.update(round_=round_, status="running", force=True)  # a peer is fetched only with a valid record
 
 
 def test_round_uses_external_groups_and_writes_seed_layout(tmp_path):
@@ -96,6 +97,8 @@ def test_hostile_peer_files_are_skipped_with_one_warning_each(tmp_path):
     worker = _worker(tmp_path)
     _publish_peer(tmp_path, 0)
     names = _plant_hostile_files(worker.layout, 0, tmp_path / "outside.json")
+    for name in names:  # fetched only because each is a peer with a valid record: its rollout file is the attack
+        PeerRegistration(worker.store, worker.layout, name, "worker", 1.0).update(round_=0, status="running")
     before = set(Path(tmp_path).rglob("*"))
     with capture_logs() as logs:
         metrics = worker.run_round(0)

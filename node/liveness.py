@@ -1,0 +1,115 @@
+"""Which peers are live, judged by the reader's own clock (never a writer's timestamp).
+
+A peer record (``peers/<node>.json``) says when its writer last beat, by the writer's clock. Trusting that
+lets a record dated in the future count as live forever (every round then waits ``round_timeout_s``), and a
+host with a skewed clock look dead. Here a record is live while it keeps **changing** as seen locally:
+
+- its version ``(started_at, progress)`` rose above the highest seen (``progress`` is a counter the node
+  bumps; ``started_at`` changes with a restart), so a replayed older copy never counts as a change;
+- a change is dated by *our* clock when we see it; a record seen for the first time counts as changed at
+  ``min(now, heartbeat_at)``: a record from the past is as old as it says, one from the future is fresh
+  once and then must keep changing like any other.
+
+Scans are bounded: at most ``max_records`` names per scan (peers known to be valid first, then the others
+in a seeded random order, so junk names cannot crowd real peers out), and a file whose ``lstat`` signature
+did not change since it was last read is not read again (a forged or broken file costs one lstat).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from node.layout import ExperimentLayout, check_node_id
+from node.schemas import PeerRecord
+from node.storage import SharedStore
+
+DEFAULT_MAX_RECORDS = 1024
+_MAX_REMEMBERED = 65536  # file signatures kept across scans (junk included); then the cache starts over
+
+
+@dataclass
+class _Seen:
+    file_sig: tuple | None = None
+    record: PeerRecord | None = None  # the last valid record (None: never valid)
+    version: tuple = (-1.0, -1)       # the highest (started_at, progress) seen
+    changed_at: float = float("-inf")  # our clock, when the version last rose
+
+
+class PeerTracker:
+    """Liveness of the peers of one experiment, as one reader sees it (keep one per process)."""
+
+    def __init__(self, store: SharedStore, layout: ExperimentLayout, timeout_s: float, *,
+                 clock: Callable[[], float] = time.time, max_records: int = DEFAULT_MAX_RECORDS,
+                 rng: random.Random | None = None):
+        self.store, self.layout, self.timeout_s, self.clock = store, layout, float(timeout_s), clock
+        self.max_records = int(max_records)
+        self.rng = rng if rng is not None else random.Random(0)
+        self._seen: dict[str, _Seen] = {}
+
+    def scan(self) -> None:
+        """Look at the peers directory once (bounded, see the module doc)."""
+        now = self.clock()
+        for name in self._names_to_look_at():
+            self._look(name, now)
+
+    def live_workers(self, *, scan: bool = True) -> dict[str, PeerRecord]:
+        """Workers whose record changed within the timeout (our clock) and that did not say finished."""
+        if scan:
+            self.scan()
+        now = self.clock()
+        return {name: seen.record for name, seen in self._seen.items()
+                if seen.record is not None and seen.record.role == "worker" and seen.record.status != "finished"
+                and now - seen.changed_at <= self.timeout_s}
+
+    def changed_since(self, name: str, since: float) -> bool:
+        """``name``'s record changed (as we saw it) at or after ``since`` (our clock)."""
+        seen = self._seen.get(name)
+        return seen is not None and seen.changed_at >= since
+
+    def known_workers(self, *, scan: bool = True) -> set[str]:
+        """Every worker with a valid record seen so far, live or not."""
+        if scan:
+            self.scan()
+        return {name for name, seen in self._seen.items() if seen.record is not None and seen.record.role == "worker"}
+
+    # -- one scan ---------------------------------------------------------------------------------------
+    def _names_to_look_at(self) -> list[str]:
+        stems = []
+        for name in self.store.listdir(self.layout.peers_dir()):
+            if name.endswith(".json") and not name.startswith("."):
+                try:
+                    stems.append(check_node_id(name[:-5]))
+                except ValueError:
+                    continue
+        known = [s for s in stems if (seen := self._seen.get(s)) is not None and seen.record is not None]
+        known_set = set(known)
+        others = [s for s in stems if s not in known_set]
+        self.rng.shuffle(others)
+        return (known + others)[:self.max_records]
+
+    def _look(self, name: str, now: float) -> None:
+        path = self.layout.peer_file(name)
+        st = self.store.lstat(path)
+        if st is None:
+            return
+        seen = self._seen.get(name)
+        file_sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if seen is not None and seen.file_sig == file_sig:
+            return  # unchanged since we last read it
+        if seen is None:
+            if len(self._seen) >= _MAX_REMEMBERED:
+                self._seen = {k: v for k, v in self._seen.items() if v.record is not None}
+            seen = self._seen[name] = _Seen()
+        seen.file_sig = file_sig
+        record = self.store.read_as(path, PeerRecord.from_json, expect_node=name)
+        if record is None:
+            return
+        version = (record.started_at, record.progress)
+        if version <= seen.version:
+            return  # the same or an older copy (a replay): not a sign of life
+        first_sight = seen.record is None
+        seen.version, seen.record = version, record
+        seen.changed_at = min(now, record.heartbeat_at) if first_sight else now
