@@ -88,3 +88,101 @@ def test_time_strategy_advances_without_submissions(tmp_path):
     state = RoundState(experiment="smoke-cpu", round=0, stage=0, started_at=time.time() - 1, updated_at=time.time(),
                        finished=False, max_rounds=3)
     assert c.tick(state).round == 1
+
+
+# --- the state is never taken on trust (issue 12) ---------------------------------------------------------
+import pytest  # noqa: E402
+
+from node.signing import Signer  # noqa: E402
+from sapo.config import ConfigError  # noqa: E402
+
+KEY = bytes(range(32))
+
+
+def _signed_coordinator(tmp_path, key=KEY, local=True) -> Coordinator:
+    config = resolve_config(CONFIG, environ={}, overrides=[f"experiment.root={tmp_path}", "experiment.max_rounds=10"])
+    layout = ExperimentLayout.from_config(config)
+    store = SharedStore(layout, node_id="coordinator", lock_dir=tmp_path / "locks", spool_dir=tmp_path / "spool",
+                        signer=Signer(key))
+    store.ensure_layout()
+    beat = Heartbeat(tmp_path / "run", "coordinator", "coordinator", 1.0)
+    return Coordinator(config, "coordinator", store=store, layout=layout, heartbeat=beat, stop=StopFlag(),
+                       local_state=tmp_path / "run" / "coordinator.state.json" if local else None)
+
+
+def _state(round_, finished=False, max_rounds=10) -> RoundState:
+    return RoundState(experiment="smoke-cpu", round=round_, stage=0, started_at=time.time(), updated_at=time.time(),
+                      finished=finished, max_rounds=max_rounds)
+
+
+@pytest.mark.parametrize("forgery", ["finished_early", "far_future", "junk", "wrong_key"])
+def test_a_forged_state_and_a_restart_resume_from_the_local_copy(tmp_path, forgery):
+    c = _signed_coordinator(tmp_path)
+    c.write_state(_state(4))
+    state_file = c.layout.state_file()
+    if forgery == "junk":
+        state_file.write_bytes(b"\x00garbage")
+    elif forgery == "wrong_key":
+        outsider = _signed_coordinator(tmp_path / "outsider", key=bytes(range(1, 33)))
+        state_file.write_bytes(outsider.store.signer.sign(json.dumps(_state(9).to_json()).encode(), "state/current_state.json"))
+    else:
+        forged = _state(5, finished=True) if forgery == "finished_early" else _state(2**62)
+        state_file.write_bytes(json.dumps(forged.to_json()).encode())  # unsigned
+    restarted = _signed_coordinator(tmp_path)
+    assert restarted.load_state().round == 4
+
+
+def test_without_a_local_copy_the_newest_signed_result_tells_the_round(tmp_path):
+    c = _signed_coordinator(tmp_path, local=False)
+    c.write_state(_state(6))
+    for r in (5, 6):
+        _submit(c, "worker_1", r)
+    c.layout.state_file().write_bytes(b"{not json")
+    assert _signed_coordinator(tmp_path, local=False).load_state().round == 6
+
+
+def test_a_state_that_cannot_be_used_never_restarts_an_experiment_with_progress(tmp_path):
+    c = _signed_coordinator(tmp_path, local=False)
+    c.write_state(_state(3))
+    (c.layout.root / "checkpoints" / "round_2").mkdir(parents=True)  # progress, but no result to tell the round
+    newer = {**_state(3).to_json(), "schema_version": 99}
+    c.store.write_json_atomic(c.layout.state_file(), newer)
+    with pytest.raises(ConfigError, match="refusing to restart the experiment at round 0"):
+        _signed_coordinator(tmp_path, local=False).load_state()
+
+
+def test_a_fresh_experiment_with_a_planted_state_starts_at_round_0(tmp_path):
+    c = _signed_coordinator(tmp_path, local=False)
+    c.layout.state_file().write_bytes(json.dumps(_state(7).to_json()).encode())  # unsigned, nothing ran yet
+    assert c.load_state() is None
+
+
+def test_a_state_file_changed_behind_the_coordinators_back_is_rewritten(tmp_path):
+    c = _signed_coordinator(tmp_path)
+    _register(c, "worker_1")
+    state = _state(2)
+    c.write_state(state)
+    c.layout.state_file().write_bytes(json.dumps(_state(2, finished=True).to_json()).encode())
+    c.tick(state)
+    assert c.store.read_as(c.layout.state_file(), RoundState.from_json) == state
+
+
+def test_results_planted_before_a_round_starts_do_not_complete_it(tmp_path):
+    c = _signed_coordinator(tmp_path)
+    _register(c, "worker_1")
+    state = _state(0)
+    c.write_state(state)
+    _submit(c, "worker_1", 1)  # signed (e.g. replayed by someone), already there when round 1 starts
+    _submit(c, "worker_1", 0)
+    state = c.tick(state)
+    assert state.round == 1
+    assert c.tick(state).round == 1  # the pre-existing result of round 1 does not count
+    time.sleep(0.01)
+    _submit(c, "worker_1", 1)  # a fresh submission does
+    assert c.tick(state).round == 2
+
+
+def test_results_of_workers_that_are_not_live_never_complete_a_round():
+    kw = dict(interval_s=60, timeout_s=120)
+    assert decide_advance("completion", elapsed_s=1, live=set(), submitted={"ghost"}, **kw) is None
+    assert decide_advance("hybrid", elapsed_s=1, live=set(), submitted={"ghost"}, **kw) is None
