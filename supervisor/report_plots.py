@@ -35,7 +35,9 @@ def _finish_by_round(fig, ax, path: Path, *, outside: bool, **labels) -> Path:
 
     ax.set(xlabel="round", **labels)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if outside:
+    if not ax.get_legend_handles_labels()[0]:
+        pass  # nothing labelled was drawn (no line carried these figures): no legend, no matplotlib warning
+    elif outside:
         fig.legend(fontsize="small", loc="outside right upper")
     else:
         ax.legend(fontsize="small")

@@ -114,6 +114,8 @@ def round_files(base: Path) -> tuple[list[tuple[int, int, Path]], list[tuple[Pat
     (symlinks, not regular files or directories) with the reason."""
     files: list[tuple[int, int, Path]] = []
     refused: list[tuple[Path, str]] = []
+    if os.path.islink(base):  # rollouts/ (or the archive's) planted as a symlink: never entered
+        return files, [(base, "symlink")]
     for r, rdir in _numbered(base, parse_round_dir, refused):
         for s, sdir in _numbered(rdir, parse_stage_dir, refused):
             ok, bad = fsio.list_files(sdir, suffix=".json")
