@@ -140,6 +140,7 @@ class Coordinator:
 
     def highest_result_round(self) -> int | None:
         """The newest round with at least one valid (signed) round result, or None."""
+        self.peers.scan()
         names = self.store.listdir(self.layout.root / "rewards")
         rounds = sorted((r for r in map(parse_round_dir, names) if r is not None), reverse=True)
         for round_ in rounds[:_EVIDENCE_ROUNDS]:
@@ -188,25 +189,27 @@ class Coordinator:
         self.write_state(state)
 
     def submitted(self, round_: int) -> set[str]:
-        """Workers with a valid round result for ``round_`` (results that were already there when the
-        round started do not count)."""
+        """Known workers (a valid peer record) with a valid round result for ``round_``; results that were
+        already there when the round started do not count. Looked up by name: junk in the directory costs
+        nothing."""
         names = set()
-        for path in self.store.list_json(self.layout.rewards_dir(round_, STAGE)):
-            if self._stale_results.get(path.stem) is not None and \
-                    self._stale_results[path.stem] == _file_signature(self.store.lstat(path)):
+        for worker in self.peers.known_workers(scan=False):
+            path = self.layout.reward_file(round_, STAGE, worker)
+            sig = _file_signature(self.store.lstat(path))
+            if sig is None or self._stale_results.get(worker) == sig:
                 continue
             if self.store.read_as(path, RoundResult.from_json, expect_round=round_, expect_stage=STAGE,
-                                  expect_node=path.stem) is not None:
-                names.add(path.stem)
+                                  expect_node=worker) is not None:
+                names.add(worker)
         return names
 
     def _note_stale_results(self, round_: int) -> None:
         """Remember the result files already present for a round that starts now."""
         stale = {}
-        for path in self.store.list_json(self.layout.rewards_dir(round_, STAGE)):
-            sig = _file_signature(self.store.lstat(path))
+        for worker in self.peers.known_workers(scan=False):
+            sig = _file_signature(self.store.lstat(self.layout.reward_file(round_, STAGE, worker)))
             if sig is not None:
-                stale[path.stem] = sig
+                stale[worker] = sig
         if stale:
             log.warning("results_before_round_start", round=round_, nodes=sorted(stale)[:20], count=len(stale))
         self._stale_results = stale
@@ -249,6 +252,7 @@ class Coordinator:
         if state.round == 0:
             self.wait_for_workers()
         else:
+            self.peers.scan()
             expected = self.submitted(state.round - 1) | self.submitted(state.round)
             started = self.clock()
             while True:

@@ -8,6 +8,7 @@ them with their own scores and never use them.
 from __future__ import annotations
 
 import random
+import stat
 import time
 from typing import Iterable
 
@@ -76,13 +77,15 @@ class Publisher:
         return self.store.publish(path, rollout_file_for(groups, node_id=self.node_id, round_=round_).to_json())
 
 
-def peer_files_present(store: SharedStore, layout: ExperimentLayout, round_: int, own_id: str) -> set[str]:
-    """Node ids (not ours) with a rollout file for ``round_`` (names only; nothing is read)."""
-    names = set()
-    for path in store.list_json(layout.rollouts_dir(round_, STAGE)):
-        if path.stem != own_id:
-            names.add(path.stem)
-    return names
+def peer_files_present(store: SharedStore, layout: ExperimentLayout, round_: int, peers: Iterable[str]) -> set[str]:
+    """Which of ``peers`` have a regular rollout file for ``round_`` (one lstat each, nothing is read; the
+    directory is never listed, so junk names in it cost nothing)."""
+    present = set()
+    for peer in peers:
+        st = store.lstat(layout.rollout_file(round_, STAGE, peer))
+        if st is not None and stat.S_ISREG(st.st_mode):
+            present.add(peer)
+    return present
 
 
 def fetch_shared_groups(store: SharedStore, layout: ExperimentLayout, round_: int, own_id: str,
@@ -94,8 +97,7 @@ def fetch_shared_groups(store: SharedStore, layout: ExperimentLayout, round_: in
     Each file is checked by SharedStore.read_as + RolloutFile.from_json: signature, size cap, no symlinks,
     JSON depth, schema, finite numbers, and a peer id / round / stage matching the file's path.
     """
-    present = peer_files_present(store, layout, round_, own_id)
-    chosen = sorted(set(peers) & present)
+    chosen = sorted(peer_files_present(store, layout, round_, set(peers) - {own_id}))
     rng.shuffle(chosen)
     groups: list[SharedGroup] = []
     rejected = 0

@@ -10,9 +10,11 @@ host with a skewed clock look dead. Here a record is live while it keeps **chang
   ``min(now, heartbeat_at)``: a record from the past is as old as it says, one from the future is fresh
   once and then must keep changing like any other.
 
-Scans are bounded: at most ``max_records`` names per scan (peers known to be valid first, then the others
-in a seeded random order, so junk names cannot crowd real peers out), and a file whose ``lstat`` signature
-did not change since it was last read is not read again (a forged or broken file costs one lstat).
+Scans are bounded: peers known to be valid are looked at by name every scan (one lstat each); the
+directory is listed to discover new peers at most every ``discover_every_s``, and then at most
+``max_records`` unknown names are looked at, in a seeded random order, so junk names cannot crowd real peers
+out or make a scan cost more than a bounded number of reads. A file whose ``lstat`` signature did not change
+since it was last read is not read again (a forged or broken file costs one lstat).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from node.schemas import PeerRecord
 from node.storage import SharedStore
 
 DEFAULT_MAX_RECORDS = 1024
+DEFAULT_DISCOVER_EVERY_S = 1.0
 _MAX_REMEMBERED = 65536  # file signatures kept across scans (junk included); then the cache starts over
 
 
@@ -43,16 +46,23 @@ class PeerTracker:
 
     def __init__(self, store: SharedStore, layout: ExperimentLayout, timeout_s: float, *,
                  clock: Callable[[], float] = time.time, max_records: int = DEFAULT_MAX_RECORDS,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, discover_every_s: float = DEFAULT_DISCOVER_EVERY_S):
         self.store, self.layout, self.timeout_s, self.clock = store, layout, float(timeout_s), clock
         self.max_records = int(max_records)
         self.rng = rng if rng is not None else random.Random(0)
+        self.discover_every_s = float(discover_every_s)
         self._seen: dict[str, _Seen] = {}
+        self._discovered_at = float("-inf")
 
     def scan(self) -> None:
         """Look at the peers directory once (bounded, see the module doc)."""
         now = self.clock()
-        for name in self._names_to_look_at():
+        known = [name for name, seen in self._seen.items() if seen.record is not None]
+        names = known
+        if now - self._discovered_at >= self.discover_every_s:
+            self._discovered_at = now
+            names = known + self._unknown_names(set(known))
+        for name in names:
             self._look(name, now)
 
     def live_workers(self, *, scan: bool = True) -> dict[str, PeerRecord]:
@@ -76,19 +86,17 @@ class PeerTracker:
         return {name for name, seen in self._seen.items() if seen.record is not None and seen.record.role == "worker"}
 
     # -- one scan ---------------------------------------------------------------------------------------
-    def _names_to_look_at(self) -> list[str]:
-        stems = []
+    def _unknown_names(self, known: set[str]) -> list[str]:
+        """Up to ``max_records`` node ids with a peer file that is not (yet) a known peer, shuffled."""
+        others = []
         for name in self.store.listdir(self.layout.peers_dir()):
-            if name.endswith(".json") and not name.startswith("."):
+            if name.endswith(".json") and not name.startswith(".") and name[:-5] not in known:
                 try:
-                    stems.append(check_node_id(name[:-5]))
+                    others.append(check_node_id(name[:-5]))
                 except ValueError:
                     continue
-        known = [s for s in stems if (seen := self._seen.get(s)) is not None and seen.record is not None]
-        known_set = set(known)
-        others = [s for s in stems if s not in known_set]
         self.rng.shuffle(others)
-        return (known + others)[:self.max_records]
+        return others[:self.max_records]
 
     def _look(self, name: str, now: float) -> None:
         path = self.layout.peer_file(name)

@@ -254,7 +254,7 @@ class Worker:
         deadline = time.monotonic() + cfg.exchange.fetch_timeout_s
         while time.monotonic() < deadline:
             live = set(self.peers.live_workers()) - {self.node_id}
-            present = peer_files_present(self.store, self.layout, round_, self.node_id)
+            present = peer_files_present(self.store, self.layout, round_, live)
             if live <= present:
                 return
             state = self.read_state()

@@ -134,6 +134,7 @@ def test_a_forged_state_and_a_restart_resume_from_the_local_copy(tmp_path, forge
 
 def test_without_a_local_copy_the_newest_signed_result_tells_the_round(tmp_path):
     c = _signed_coordinator(tmp_path, local=False)
+    _register(c, "worker_1")
     c.write_state(_state(6))
     for r in (5, 6):
         _submit(c, "worker_1", r)
