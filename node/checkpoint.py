@@ -17,8 +17,10 @@ wrote, with size and sha256.
   are restored all or nothing: a snapshot is taken first and put back on any failure, and the previous
   entry is tried. A ``.pt`` not in the index (planted, or from a crash between the ``.pt`` and the index
   write) is reported once and left alone.
-- an experiment from before the index (``.pt`` files, no index file at all) loads as it did, newest first,
-  bounded by the coordinator's round; the first save creates the index. An index that is present but
+- an experiment from before the index (``.pt`` files, no index file at all; only with
+  ``exchange.require_signatures: false``, which such an experiment needs anyway) loads as it did, newest
+  first, bounded by the coordinator's round; the first save creates the index. With signatures required a
+  missing index was deleted by someone: nothing unlisted is loaded. An index that is present but
   invalid (bad signature, bad schema) lists nothing: nothing is loaded from it or deleted because of it.
 """
 
@@ -360,6 +362,14 @@ def _candidates(store: SharedStore, layout: ExperimentLayout, node_id: str,
                 index: IndexRead) -> list[tuple[int, CheckpointEntry | None]]:
     """(round, index entry) to try, newest first; the entry is None for an experiment from before the index."""
     present = checkpoint_rounds(store, layout, node_id)
+    if index.state == "missing" and store.signer.required:
+        # Signatures are required, so this experiment was started by a version that writes the index: a
+        # missing one was deleted. Loading unlisted files then would load whatever someone planted.
+        if present:
+            log.warning("checkpoint_unlisted", rounds=present[:20], count=len(present),
+                        reason="our index is missing: unlisted checkpoints are never loaded while signatures "
+                        "are required (exchange.require_signatures)")
+        return []
     if index.state == "missing":
         state = store.read_as(layout.state_file(), RoundState.from_json, expect_experiment=layout.name)
         bound = state.round if state is not None else None  # a checkpoint is never ahead of the swarm's round

@@ -36,9 +36,9 @@ def layout(tmp_path) -> ExperimentLayout:
     return ExperimentLayout.for_experiment(tmp_path / "shared", "exp")
 
 
-def make_store(layout, tmp_path, key=KEY) -> SharedStore:
+def make_store(layout, tmp_path, key=KEY, required=True) -> SharedStore:
     store = SharedStore(layout, node_id=NODE, lock_dir=tmp_path / "locks", spool_dir=tmp_path / "spool",
-                        sleep=lambda s: None, retry_attempts=2, signer=Signer(key, required=True))
+                        sleep=lambda s: None, retry_attempts=2, signer=Signer(key, required=required))
     store.ensure_layout()
     return store
 
@@ -280,7 +280,16 @@ def test_a_forged_index_lists_nothing_and_prunes_nothing(store, layout, tmp_path
 
 
 # -- an experiment from before the index --------------------------------------------------------------------
-def test_an_experiment_without_an_index_resumes_as_before_bounded_by_the_round(store, layout):
+def test_a_deleted_index_loads_nothing_while_signatures_are_required(store, layout):
+    train_and_save(store, layout, [0, 1], keep_last=10)
+    index_path(layout, NODE).unlink()  # someone deleted it, perhaps to get a planted .pt loaded
+    with capture_logs() as logs:
+        assert Policy(seed=5).load(store, layout) is None
+    assert any(e["event"] == "checkpoint_unlisted" for e in logs)
+
+
+def test_an_experiment_without_an_index_resumes_as_before_bounded_by_the_round(layout, tmp_path):
+    store = make_store(layout, tmp_path, required=False)  # an older experiment needs unsigned files accepted
     saved = train_and_save(store, layout, [0, 1, 2, 3], keep_last=10)
     index_path(layout, NODE).unlink()  # what the previous version left: .pt files only
     state = RoundState(experiment="exp", round=2, stage=0, started_at=1.0, updated_at=1.0, finished=False,
