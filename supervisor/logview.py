@@ -175,7 +175,6 @@ def merged_tail(files: list[LogFile], lines: int,
     for order, (label, path, skip_json) in enumerate(files):
         try:
             text = tail_text(path, max_bytes=max(65536, lines * 400), lines=lines)
-            mtime = path.lstat().st_mtime if text else 0.0
         except fsio.BadFile as err:
             skipped(path, err.reason)
             continue
@@ -184,7 +183,7 @@ def merged_tail(files: list[LogFile], lines: int,
             continue
         stamps = (t for t in map(_line_time, text.splitlines()) if t is not None)
         # Lines before the first timestamp: that timestamp, or the file's mtime when it has none.
-        last = next(stamps, None) or mtime
+        last = next(stamps, None) or _mtime(path)
         for i, line in enumerate(text.splitlines()):
             ts = _line_time(line)
             last = ts if ts is not None else last  # a traceback sorts with the JSON line before it
@@ -193,6 +192,13 @@ def merged_tail(files: list[LogFile], lines: int,
             entries.append((last, order, i, label, line))
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
     return [(e[3], e[4]) for e in entries[-lines:]] if lines > 0 else []
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _read_new(path: Path, offset: int) -> tuple[bytes, int, int]:

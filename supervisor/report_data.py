@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from node.config import plain_name_problem, resolve_config  # no torch: node.config is shared with the supervisor
 from node.fsio import BadFile, iter_jsonl, read_capped
-from node.schemas import validate_metrics_line
+from node.schemas import ConfigSnapshot, validate_metrics_line
 from node.strict_json import parse_json_bytes
 from sapo.config import ConfigError
 from supervisor.terminal import escape_controls, finite_number, number_problem, short_value
@@ -120,8 +120,8 @@ class ExperimentData:
 
 def read_snapshot(experiment_dir: Path) -> tuple[dict, dict, str | None]:
     """(sapo section, experiment section, why it was refused) of ``state/config.json``, read through
-    :func:`node.fsio.read_capped` and strict JSON. A missing file gives ``({}, {}, None)``, a refused one
-    ``({}, {}, reason)``."""
+    :func:`node.fsio.read_capped` and strict JSON and checked as a :class:`node.schemas.ConfigSnapshot`. A
+    missing file gives ``({}, {}, None)``, a refused one ``({}, {}, reason)``."""
     try:
         raw, _ = read_capped(experiment_dir / "state" / "config.json", CONFIG_SNAPSHOT_MAX_BYTES)
         obj = parse_json_bytes(raw)
@@ -133,9 +133,10 @@ def read_snapshot(experiment_dir: Path) -> tuple[dict, dict, str | None]:
         return {}, {}, err.strerror or type(err).__name__
     except ValueError as err:
         return {}, {}, str(err)
-    config = obj.get("config") if isinstance(obj, dict) else None
-    if not isinstance(config, dict):
-        return {}, {}, "not a config snapshot (no 'config' object)"
+    try:
+        config = ConfigSnapshot.from_json(obj).config
+    except ValueError as err:  # SchemaError
+        return {}, {}, f"not a config snapshot ({err})"
     sapo, exp = config.get("sapo"), config.get("experiment")
     return (sapo if isinstance(sapo, dict) else {}), (exp if isinstance(exp, dict) else {}), None
 

@@ -309,5 +309,6 @@ def test_report_on_a_real_two_worker_swarm(make_swarm, tmp_path):
     expected = sum((lines["worker_1"][r]["reward_local"] + lines["worker_2"][r]["reward_local"]) / 2 for r in range(4))
     assert row.cumulative_reward == pytest.approx(expected)
     assert (row.workers, row.rounds, row.finished, row.num_transplant_trees) == (2, 4, True, 2)
+    assert report.warnings == () and row.skipped_lines == 0  # every line a real node writes is taken
     for path in report.plots:
         assert_png(path)
