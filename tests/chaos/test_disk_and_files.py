@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from conftest import fill_disk
 from fakes import FlakyFS
 from node.checkpoint import load_latest_checkpoint, save_checkpoint
 from scenarios import record
@@ -24,32 +25,6 @@ from node.storage import SharedStore
 from sapo.tiny_model import build_tiny_gpt2
 
 pytestmark = pytest.mark.chaos
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 4 MiB tmpfs: writes past it fail with a real ENOSPC (skips where mounting is not allowed)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler.bin"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
-    return filler
 
 
 def test_enospc_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_disk):
@@ -62,7 +37,7 @@ def test_enospc_during_checkpoint_keeps_the_previous_one(tmp_path, tiny_disk):
     model, _ = build_tiny_gpt2(seed=0)
     opt = torch.optim.Adam(model.parameters())
     assert save_checkpoint(store, layout, "worker_1", 0, model, opt, keep_last=3)
-    filler = _fill(tiny_disk)
+    filler = fill_disk(tiny_disk)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -87,7 +62,7 @@ def test_enospc_during_publish_spools_then_lands(tmp_path, tiny_disk):
     store = SharedStore(layout, node_id="worker_1", lock_dir=tmp_path / "locks", spool_dir=tmp_path / "spool",
                         sleep=lambda s: None, retry_attempts=2)
     store.ensure_layout()
-    filler = _fill(tiny_disk)
+    filler = fill_disk(tiny_disk)
     body = {"payload": "x" * 10_000}
     paths = [layout.reward_file(r, 0, "worker_1") for r in range(3)]
     for path in paths:
