@@ -10,7 +10,7 @@ confinement, retries and the spool) and for local files (heartbeats, the spool i
   directory, FIFO, socket, device, symlink, or, for appends, a hard link) is moved aside into it by
   :func:`quarantine` (renamed, never followed or deleted; one ``own_path_quarantined`` warning) and the
   write goes on into a fresh regular file. Without it such a path raises :class:`OwnPathTaken`.
-- :func:`read_capped` / :func:`iter_jsonl` / :func:`read_jsonl`: ``lstat`` first (no symlinks, regular
+- :func:`read_capped` / :func:`iter_jsonl` / :func:`read_jsonl` / :func:`read_end` / :func:`tail_text`: ``lstat`` first (no symlinks, regular
   files only, size cap), then ``O_NOFOLLOW|O_NONBLOCK`` and ``fstat`` again; a refused file raises
   :class:`BadFile`, a missing one FileNotFoundError.
 - :func:`sort_entries` / :func:`list_files`: the regular files of a directory, hidden (temp) files
@@ -363,6 +363,37 @@ def read_jsonl(path: Path | str, *, max_bytes: int = DEFAULT_MAX_JSONL_BYTES, fs
         else:
             bad += 1
     return rows, bad
+
+
+def read_end(path: Path | str, *, max_bytes: int, start: int = 0) -> tuple[bytes, int, int]:
+    """``(data, begin, size)``: the bytes of ``path`` from ``begin = max(start, size - max_bytes)`` to the
+    size it had when opened. Opened through the checked open (``lstat``, ``O_NOFOLLOW|
+    O_NONBLOCK``, ``fstat``): a symlink, FIFO, device or directory raises :class:`BadFile`
+    without blocking; a missing file raises FileNotFoundError."""
+    fd, _ = _open_regular(REAL_FS, Path(path), None)
+    try:
+        size = os.fstat(fd).st_size
+        begin = pos = max(start, size - max_bytes, 0)
+        chunks = []
+        while pos < size and (chunk := os.pread(fd, min(1 << 20, size - pos), pos)):
+            chunks.append(chunk)
+            pos += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks), begin, size
+
+
+def tail_text(path: Path | str, *, max_bytes: int = 8192, lines: int = 20, start: int = 0) -> str:
+    """The last ``lines`` lines of ``path`` (:func:`read_end`: at most ``max_bytes`` from its end, nothing
+    before offset ``start``); "" when it is missing. A refused file raises :class:`BadFile`."""
+    try:
+        data, begin, _ = read_end(path, max_bytes=max_bytes, start=start)
+    except FileNotFoundError:
+        return ""
+    parts = data.decode("utf-8", errors="replace").splitlines()
+    if begin > start and parts:
+        parts = parts[1:]  # we started mid-line
+    return "\n".join(parts[-lines:]) if lines > 0 else ""
 
 
 def _lines(fs: Any, fd: int, max_bytes: int) -> Iterator[bytes]:

@@ -22,6 +22,7 @@ from typing import Callable
 from rich.console import Console
 
 from node import fsio
+from node.fsio import read_end, tail_text  # noqa: F401 (also imported from here by the status views)
 from node.logs import rotated_files
 from supervisor.launch import node_names
 from supervisor.runfiles import RuntimePaths
@@ -97,37 +98,6 @@ def _is_json_line(line: str) -> bool:
 
 
 # --------------------------------------------------------------------------- reading
-
-def read_end(path: Path, *, max_bytes: int, start: int = 0) -> tuple[bytes, int, int]:
-    """``(data, begin, size)``: the bytes of ``path`` from ``begin = max(start, size - max_bytes)`` to the
-    size it had when opened. Opened through :mod:`node.fsio`'s checked open (``lstat``, ``O_NOFOLLOW|
-    O_NONBLOCK``, ``fstat``): a symlink, FIFO, device or directory raises :class:`node.fsio.BadFile`
-    without blocking; a missing file raises FileNotFoundError."""
-    fd, _ = fsio._open_regular(fsio.REAL_FS, Path(path), None)  # noqa: SLF001 - fsio's one checked open
-    try:
-        size = os.fstat(fd).st_size
-        begin = pos = max(start, size - max_bytes, 0)
-        chunks = []
-        while pos < size and (chunk := os.pread(fd, min(1 << 20, size - pos), pos)):
-            chunks.append(chunk)
-            pos += len(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks), begin, size
-
-
-def tail_text(path: Path, *, max_bytes: int = 8192, lines: int = 20, start: int = 0) -> str:
-    """The last ``lines`` lines of ``path`` (:func:`read_end`: at most ``max_bytes`` from its end, nothing
-    before offset ``start``); "" when it is missing. A refused file raises :class:`node.fsio.BadFile`."""
-    try:
-        data, begin, _ = read_end(path, max_bytes=max_bytes, start=start)
-    except FileNotFoundError:
-        return ""
-    parts = data.decode("utf-8", errors="replace").splitlines()
-    if begin > start and parts:
-        parts = parts[1:]  # we started mid-line
-    return "\n".join(parts[-lines:]) if lines > 0 else ""
-
 
 def warn_skipped(path: Path, reason: str) -> None:
     """One line on stderr for a log file that is not read (escaped: the name may be hostile)."""

@@ -20,6 +20,7 @@ from typing import Mapping, Protocol, Sequence
 
 import psutil
 
+from node.fsio import BadFile, tail_text
 from supervisor.states import ExitInfo
 
 PR_SET_PDEATHSIG = 1
@@ -151,23 +152,13 @@ def tail_file(path: str | os.PathLike, max_bytes: int = 8192, lines: int = 20, *
     """The last ``lines`` lines of ``path``, reading at most ``max_bytes`` from its end.
 
     Nothing before byte offset ``start`` is read (logs are appended across restarts: pass the size
-    the file had when the current process was spawned). A missing file gives "".
+    the file had when the current process was spawned). A missing or refused file (a FIFO, a symlink:
+    :func:`node.fsio.tail_text` never blocks on one) gives "".
     """
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            begin = max(start, size - max_bytes, 0)
-            if begin >= size:
-                return ""
-            f.seek(begin)
-            data = f.read(size - begin)
-    except OSError:
+        return tail_text(path, max_bytes=max_bytes, lines=lines, start=start)
+    except (OSError, BadFile):
         return ""
-    text = data.decode("utf-8", errors="replace")
-    parts = text.splitlines()
-    if begin > start and begin > 0 and parts:
-        parts = parts[1:]  # we started mid-line
-    return "\n".join(parts[-lines:]) if lines > 0 else ""
 
 
 def _matching_line(log_tail: str, needle: str) -> str:
