@@ -37,10 +37,12 @@ from node.liveness import PeerTracker
 from node.logs import bind
 from node.plausible import state_problem
 from node.retention import apply_retention
+from node.round_switch import PendingSwitch
 from node.runtime import EXIT_FINISHED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested
 from node.schemas import RoundResult, RoundState
 from node.storage import SharedStore
 from node.strict_json import encode_json, parse_json_bytes
+from node.wakeup import Wakeup, events_disabled
 from sapo.config import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -75,6 +77,9 @@ class Coordinator:
                                  rng=random.Random(config.experiment.seed))
         self._written: tuple[RoundState, tuple | None] | None = None  # what we last wrote, its file signature
         self._stale_results: dict[str, tuple] = {}  # results already there when the current round started
+        self._results: dict[int, dict[str, RoundResult]] = {}  # valid results seen, per round and worker
+        self._switch: PendingSwitch | None = None
+        self.wakeup = Wakeup(enabled=not events_disabled())  # ticks wake when a result lands, not at the poll
 
     # --- state file ---------------------------------------------------------------------------------
     def load_state(self) -> RoundState | None:
@@ -167,7 +172,8 @@ class Coordinator:
         self._written = (state, _file_signature(self.store.lstat(self.layout.state_file())))
         if self.local_state is not None:
             try:
-                fsio.write_atomic(self.local_state, encode_json(state.to_json()))
+                # not fsynced: a backup, needed only if the shared copy is also lost; keeps the switch fast
+                fsio.write_atomic(self.local_state, encode_json(state.to_json()), durable=False)
             except OSError as err:
                 log.warning("local_state_write_failed", path=str(self.local_state), error=str(err))
 
@@ -198,9 +204,11 @@ class Coordinator:
             sig = _file_signature(self.store.lstat(path))
             if sig is None or self._stale_results.get(worker) == sig:
                 continue
-            if self.store.read_as(path, RoundResult.from_json, expect_round=round_, expect_stage=STAGE,
-                                  expect_node=worker) is not None:
+            result = self.store.read_as(path, RoundResult.from_json, expect_round=round_, expect_stage=STAGE,
+                                        expect_node=worker)
+            if result is not None:
                 names.add(worker)
+                self._results.setdefault(round_, {})[worker] = result
         return names
 
     def _note_stale_results(self, round_: int) -> None:
@@ -233,7 +241,7 @@ class Coordinator:
                 state = self.resume(state)
             while not state.finished:
                 state = self.tick(state)
-                self.stop.sleep(cfg.coordinator.poll_interval_s)
+                self.wait_for_results(state.round)
             self.peer.update(round_=state.round, status="finished", force=True)
             return EXIT_FINISHED
         except StopRequested as stop:
@@ -287,13 +295,44 @@ class Coordinator:
             self.peer.update(round_=0, status="starting")
             self.stop.sleep(cfg.coordinator.poll_interval_s)
 
+    def wait_for_results(self, round_: int) -> None:
+        """Until a known worker's result for ``round_`` lands (an event), or one poll interval."""
+        results = self.layout.rewards_dir(round_, STAGE)
+        try:
+            self.store.makedirs(results)  # so it can be watched before the first worker creates it
+        except (OSError, ValueError):
+            pass  # the mount is away or the path is hostile: polling still works
+        self.wakeup.watch([results])
+        expected = {f"{w}.json" for w in self.peers.known_workers(scan=False)}
+        self.stop.wait_for(self.wakeup, self.config.coordinator.poll_interval_s, wanted=expected.__contains__)
+
+    def _follow_switch(self, live: dict, now: float) -> None:
+        """Note which workers started the round the last advance began; log the switch once all did (or
+        the round timed out)."""
+        switch = self._switch
+        if switch is None:
+            return
+        for name, record in live.items():
+            switch.observe(name, record.round, record.heartbeat_at)
+        if switch.complete or now - switch.advanced_at > self.config.coordinator.round_timeout_s:
+            line = switch.line()
+            log.info("round_switch", **line)
+            try:
+                self.store.append_jsonl(self.layout.round_switch_file(self.node_id),
+                                        {"node_id": self.node_id, "timestamp": now, **line})
+            except OSError as err:
+                log.warning("round_switch_write_failed", error=str(err))
+            self._switch = None
+
     def tick(self, state: RoundState) -> RoundState:
         """Look at submissions once; return the (possibly advanced) state."""
         cfg = self.config
         bind(round=state.round)
         now = self.clock()
         self.guard_state_file()
-        live = set(self.peers.live_workers())
+        live_records = self.peers.live_workers()
+        live = set(live_records)
+        self._follow_switch(live_records, now)
         submitted = self.submitted(state.round)
         self.heartbeat.progress("coordinating", round_=state.round, status="running")
         self.peer.update(round_=state.round, status="running")
@@ -306,9 +345,16 @@ class Coordinator:
         finished = next_round >= cfg.experiment.max_rounds
         new = replace(state, round=next_round, started_at=now, updated_at=now, finished=finished,
                       max_rounds=cfg.experiment.max_rounds)
+        results = self._results.get(state.round, {})
+        last_result = max((results[w].submitted_at for w in live & submitted), default=None)
         if not finished:
             self._note_stale_results(next_round)
+        self._results = {}
         self.write_state(new)
+        if not finished:
+            self._switch = PendingSwitch(round=next_round, reason=reason, advanced_at=self.clock(),
+                                         last_result_at=last_result if reason != "interval" else None,
+                                         expected=frozenset(live))
         log.info("round_advanced", round=state.round, next_round=next_round, reason=reason,
                  submitted=sorted(submitted), live=sorted(live), finished=finished)
         if not finished and cfg.exchange.cleanup_enabled:

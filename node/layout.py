@@ -11,6 +11,7 @@ Paths relative to the experiment directory ``<root>/experiments/<name>/``::
     checkpoints/round_R/<node>.pt         that node
     logs/<node>/metrics.jsonl             that node
     logs/<node>/training_events.jsonl     that node
+    logs/coordinator/round_switches.jsonl the coordinator: how long each round switch took
     quarantine/                           what a peer planted at a node's own path, moved aside
                                           (node.fsio.quarantine; never read, never deleted by us)
 
@@ -187,6 +188,10 @@ class ExperimentLayout:
     def events_file(self, node_id: str) -> Path:
         """``logs/<node>/training_events.jsonl``."""
         return _inside(self.root, self.log_dir(node_id) / "training_events.jsonl")
+
+    def round_switch_file(self, node_id: str = "coordinator") -> Path:
+        """``logs/<coordinator>/round_switches.jsonl``: one line per round switch (its latency)."""
+        return _inside(self.root, self.log_dir(node_id) / "round_switches.jsonl")
 
     # -- quarantine -----------------------------------------------------------------------------------
     def quarantine_dir(self) -> Path:

@@ -59,6 +59,19 @@ class StopFlag:
         if self.signum is not None:
             raise StopRequested(signal.Signals(self.signum).name)
 
+    def wait_for(self, wakeup, seconds: float, wanted=lambda name: True) -> bool:
+        """Like :meth:`sleep`, but True as soon as ``wakeup`` (a :class:`node.wakeup.Wakeup`) sees an event for a
+        ``wanted`` file name; False after ``seconds``. A stop request is noticed within half a second."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if wakeup.wait(min(left, 0.5), wanted):
+                self.check()
+                return True
+
     def sleep(self, seconds: float) -> None:
         """Sleep in small steps, raising StopRequested as soon as a stop is asked for."""
         deadline = time.monotonic() + seconds

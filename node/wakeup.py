@@ -8,8 +8,8 @@ say when a file lands instead (inotify). Events are only a hint, never the truth
 - the wait is bounded by the poll interval, so writers the watch cannot see (another host on the same
   Drive, a FUSE mount that delivers no events, a directory created after the watch) are still seen;
 - only names the caller cares about wake it (``wanted(name)``), so junk files cost no wake, and at most
-  :data:`MAX_WAKES_PER_INTERVAL` wakes happen per poll interval: an event storm degrades to plain polling,
-  never to a busy loop.
+  :data:`MAX_WAKES_PER_INTERVAL` wakes (and :data:`MAX_IDLE_READS_PER_INTERVAL` reads of unwanted events)
+  happen per poll interval: an event storm degrades to plain polling, never to a busy loop.
 
 inotify_simple (a thin, dependency-free wrapper of the inotify syscalls, no threads) is used rather than
 watchdog (an observer thread per watch, callbacks across threads, polling emulation we do not need: the
@@ -29,6 +29,9 @@ import structlog
 log = structlog.get_logger(__name__)
 
 MAX_WAKES_PER_INTERVAL = 8
+# Reads that brought only unwanted events (temp files of atomic writes, junk) allowed per poll interval
+# before the wait gives up on events and sleeps: a few per write are normal, a storm is not.
+MAX_IDLE_READS_PER_INTERVAL = 64
 _READ_MASK_NAMES = ("CLOSE_WRITE", "MOVED_TO", "CREATE", "DELETE", "ATTRIB")
 
 try:  # Linux only; anything else polls
@@ -51,7 +54,7 @@ class Wakeup:
         self._inotify = None
         self._watches: dict[int, Path] = {}
         self._wanted_dirs: tuple[Path, ...] = ()
-        self._window_start, self._wakes = 0.0, 0
+        self._window_start, self._wakes, self._idle_reads = 0.0, 0, 0
         self.woken = 0  # waits ended by an event (for tests and figures)
         if enabled and inotify_simple is not None:
             try:
@@ -118,11 +121,12 @@ class Wakeup:
             events = self._inotify.read(timeout=max(1, int(left * 1000)))
             if not events:
                 continue
-            self._wakes += 1  # junk events count too: a storm of them must not spin this loop
             if self._relevant(events, wanted):
+                self._wakes += 1
                 self.woken += 1
                 return True
-            if self._wakes >= MAX_WAKES_PER_INTERVAL:
+            self._idle_reads += 1  # a storm of unwanted events must not spin this loop
+            if self._idle_reads >= MAX_IDLE_READS_PER_INTERVAL:
                 self.sleep(max(0.0, deadline - self.clock()))
                 self._drain(wanted)
                 return False
@@ -130,8 +134,8 @@ class Wakeup:
     def _over_budget(self, interval_s: float) -> bool:
         now = self.clock()
         if now - self._window_start >= max(interval_s, 1e-3):
-            self._window_start, self._wakes = now, 0
-        return self._wakes >= MAX_WAKES_PER_INTERVAL
+            self._window_start, self._wakes, self._idle_reads = now, 0, 0
+        return self._wakes >= MAX_WAKES_PER_INTERVAL or self._idle_reads >= MAX_IDLE_READS_PER_INTERVAL
 
     def _drain(self, wanted: Callable[[str], bool]) -> None:
         self._relevant(self._inotify.read(timeout=0), wanted)

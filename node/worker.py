@@ -28,6 +28,7 @@ from node.layout import ExperimentLayout
 from node.logs import bind
 from node.records import RunRecords
 from node.liveness import PeerTracker
+from node.wakeup import Wakeup, events_disabled
 from node.plausible import state_problem
 from node.runtime import EXIT_FINISHED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested
 from node.schemas import RoundResult, RoundState
@@ -59,6 +60,7 @@ class Worker:
         self.last_state: RoundState | None = None  # the last state accepted (states never go back)
         self._refused_state: str | None = None
         self._rejected_seen = dict(store.rejected)
+        self.wakeup = Wakeup(enabled=not events_disabled())  # waits end when the file lands, not at the poll
 
     # --- start and stop -----------------------------------------------------------------------------
     def resume(self) -> None:
@@ -163,15 +165,17 @@ class Worker:
     def wait_for_round(self) -> RoundState:
         """Block until the coordinator's round is one we have not trained yet, or the run is over."""
         poll = self.config.coordinator.poll_interval_s
+        state_file = self.layout.state_file()
         while True:
             self.stop.check()
+            self.wakeup.watch([state_file.parent])
             state = self.read_state()
             if state is not None and (state.finished or state.round > self.last_done):
                 return state
             self.heartbeat.progress("waiting_for_round", round_=self.last_done)
             self.peer.update(round_=max(self.last_done, 0), status="running")
             self.store.flush_spool(attempts=1)
-            self.stop.sleep(poll)
+            self.stop.wait_for(self.wakeup, poll, wanted=lambda name: name == state_file.name)
 
     # --- one round ----------------------------------------------------------------------------------
     def run_round(self, round_: int) -> dict:
@@ -252,7 +256,9 @@ class Worker:
         if cfg.sapo.num_transplant_trees == 0:
             return
         deadline = time.monotonic() + cfg.exchange.fetch_timeout_s
+        state_file = self.layout.state_file()
         while time.monotonic() < deadline:
+            self.wakeup.watch([self.layout.rollouts_dir(round_, STAGE), state_file.parent])
             live = set(self.peers.live_workers()) - {self.node_id}
             present = peer_files_present(self.store, self.layout, round_, live)
             if live <= present:
@@ -262,7 +268,8 @@ class Worker:
                 return
             self.heartbeat.progress("waiting_for_peers", round_=round_)
             self.peer.update(round_=round_, status="running")
-            self.stop.sleep(min(0.25, cfg.coordinator.poll_interval_s))
+            waiting_for = {f"{peer}.json" for peer in live - present} | {state_file.name}
+            self.stop.wait_for(self.wakeup, min(0.25, cfg.coordinator.poll_interval_s), wanted=waiting_for.__contains__)
         log.info("peer_wait_timed_out", round=round_)
 
 
