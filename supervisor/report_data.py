@@ -2,10 +2,13 @@
 
 An experiment is given as a config file (read with :func:`node.config.resolve_config`, so environment
 overrides and ``--set`` apply; its I/J come from the config) or an experiment directory (I/J from its
-``state/config.json``). Each worker's ``logs/<node>/metrics.jsonl`` and ``training_events.jsonl`` are read
-tolerantly through :mod:`node.fsio`, the one checked reader, so a running experiment works: a partial
-last line or any unparseable line is skipped, a node without files is simply absent, and a repeated
-(node, round) line keeps its first occurrence (the one the worker wrote when it trained that round).
+``state/config.json``). Each worker's ``logs/<node>/metrics.jsonl`` and ``training_events.jsonl``, and the
+coordinator's ``round_switches.jsonl`` (:mod:`supervisor.switches`), are read tolerantly through
+:mod:`node.fsio`, the one checked reader, so a running experiment works: a partial last line or any
+unparseable line is skipped, a node without files is simply absent (an experiment from before the round
+switch was logged has no switches), and a repeated (node, round) line keeps its first occurrence (the
+one the worker wrote when it trained that round). Signed lines are read without the key: the ``hmac``
+key is ignored like any key the report does not use.
 
 Everything under the experiment directory is untrusted (other machines write it). A file that is a
 symlink, a FIFO or a device, a config snapshot that is too large or not strict JSON: each becomes one
@@ -26,6 +29,7 @@ from node.fsio import BadFile, iter_jsonl, read_capped
 from node.schemas import ConfigSnapshot, validate_metrics_line
 from node.strict_json import parse_json_bytes
 from sapo.config import ConfigError
+from supervisor.switches import FILE_NAME as SWITCH_FILE, switch_line
 from supervisor.terminal import escape_controls, finite_number, number_problem, short_value
 
 CONFIG_SNAPSHOT_MAX_BYTES = 16 * 1024 * 1024  # a snapshot is a few KiB; this is a sanity cap
@@ -55,6 +59,7 @@ class ExperimentData:
     max_rounds: int | None = None
     metrics: dict[str, dict[int, dict]] = field(default_factory=dict)  # node -> round -> line
     events: dict[str, list[dict]] = field(default_factory=dict)  # node -> events in file order
+    switches: dict[int, dict] = field(default_factory=dict)  # round -> the checked round switch into it
     skipped_lines: int = 0
     duplicate_lines: int = 0
     notes: list[str] = field(default_factory=list)  # become the report's warnings
@@ -257,6 +262,12 @@ def _load_node(data: ExperimentData, node_dir: Path) -> None:
     events = _read_rows(data, node_dir / "training_events.jsonl", _event_line(node))
     if events:
         data.events[node] = events
+    for line in _read_rows(data, node_dir / SWITCH_FILE, lambda x: switch_line(x, expect_node=node)):
+        checked = switch_line(line)
+        if checked["round"] in data.switches:
+            data.duplicate_lines += 1
+            continue
+        data.switches[checked["round"]] = checked
 
 
 def _node_dirs(data: ExperimentData) -> list[Path]:

@@ -4,7 +4,8 @@ no display needed; matplotlib is imported only when a figure is drawn).
 Comparing the experiments, in the output directory: ``reward_moving_average.png`` (band: min/max over
 workers of each worker's own moving average) and ``cumulative_reward.png``. Per experiment, in
 ``<name>/``: ``reward_per_node.png`` (restarts marked), ``groups.png`` (local vs external groups used per
-round), ``round_time.png`` (stacked phase timings), ``gpu_memory.png`` (when the metrics carry
+round), ``round_time.png`` (stacked phase timings and the round switch into each round; below, the switch in
+ms: detect and start stacked, its p50 and p99), ``gpu_memory.png`` (when the metrics carry
 ``gpu_peak_bytes``; restarts marked). Definitions of the numbers: :mod:`supervisor.report_table`. This
 module never imports torch.
 """
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from supervisor.report_data import ExperimentData
-from supervisor.terminal import finite_number
 from supervisor.report_table import moving_window, per_round_mean, trailing_mean
+from supervisor.switches import percentile
+from supervisor.terminal import finite_number
 
 TIMING_KEYS = ("sample_s", "generate_s", "score_s", "publish_s", "wait_s", "fetch_s", "select_s", "train_s")
+SWITCH_COLORS = ("tab:cyan", "midnightblue")  # detect, start: apart from the phases' (tab10's first nine)
 
 
 def _figure(width: float = 8.0, height: float = 4.5):
@@ -35,7 +38,7 @@ def _finish_by_round(fig, ax, path: Path, *, outside: bool, **labels) -> Path:
 
     ax.set(xlabel="round", **labels)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if not ax.get_legend_handles_labels()[0]:
+    if not any(a.get_legend_handles_labels()[0] for a in (fig.axes if outside else [ax])):
         pass  # nothing labelled was drawn (no line carried these figures): no legend, no matplotlib warning
     elif outside:
         fig.legend(fontsize="small", loc="outside right upper")
@@ -101,8 +104,8 @@ def plot_groups(data: ExperimentData, path: Path) -> Path:
                             title=f"{data.label}: local vs external groups used")
 
 
-def plot_round_time(data: ExperimentData, path: Path) -> Path:
-    fig, ax = _figure(8.0, 4.0)
+def _phase_means(data: ExperimentData) -> dict[int, dict[str, float]]:
+    """round -> phase (``TIMING_KEYS`` and ``other_s``) -> seconds, mean over the workers with timings."""
     sums: dict[int, dict[str, float]] = {}
     counts: dict[int, int] = {}
     for per_node in data.metrics.values():
@@ -117,13 +120,52 @@ def plot_round_time(data: ExperimentData, path: Path) -> Path:
             for k, v in parts.items():
                 acc[k] += v
             counts[r] = counts.get(r, 0) + 1
-    rounds = sorted(sums)
+    return {r: {k: v / counts[r] for k, v in sums[r].items()} for r in sorted(sums)}
+
+
+def _switch_series(data: ExperimentData, rounds: Sequence[int]) -> tuple[list[float], list[float]]:
+    """(detect, start) of the switch into each of ``rounds`` in ms, 0 where unknown (an advance on a timer
+    has no detect; a round without a switch line none at all)."""
+    lines = [data.switches.get(r, {}) for r in rounds]
+    return [x.get("detect_ms") or 0.0 for x in lines], [x.get("start_ms") or 0.0 for x in lines]
+
+
+def plot_round_time(data: ExperimentData, path: Path) -> Path:
+    """Above: the mean phase timings of each round stacked, the switch into it on top (seconds). Below: the
+    switch in ms, detect and start stacked, with its p50 and p99; a note when the experiment has none."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 5.5), dpi=100, layout="constrained")
+    ax, low = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    phases = _phase_means(data)
+    rounds = sorted(phases)
     keys = (*TIMING_KEYS, "other_s")
     if rounds:
-        series = [[sums[r][k] / counts[r] for r in rounds] for k in keys]
-        ax.stackplot(rounds, *series, labels=[k[:-2] for k in keys])
-    return _finish_by_round(fig, ax, path, outside=True, ylabel="seconds (mean over workers)",
-                            title=f"{data.label}: round time by phase")
+        series = [[phases[r][k] for r in rounds] for k in keys]
+        colors = [f"C{i}" for i in range(len(keys))]
+        if data.switches:  # labelled below
+            series += [[ms / 1000 for ms in part] for part in _switch_series(data, rounds)]
+            colors += SWITCH_COLORS
+        ax.stackplot(rounds, *series, colors=colors, labels=[k[:-2] for k in keys])
+    ax.set(ylabel="seconds (mean over workers)", title=f"{data.label}: round time by phase")
+    _plot_switch(data, low)
+    return _finish_by_round(fig, low, path, outside=True, ylabel="round switch (ms)")
+
+
+def _plot_switch(data: ExperimentData, ax) -> None:
+    """The switch into each round in ms (detect and start stacked) and its p50/p99 over the experiment."""
+    rounds = sorted(data.switches)
+    if not rounds:
+        ax.text(0.5, 0.5, "round switch not recorded (no logs/coordinator/round_switches.jsonl)",
+                transform=ax.transAxes, ha="center", va="center", fontsize="small")
+        return
+    detect, start = _switch_series(data, rounds)
+    ax.stackplot(rounds, detect, start, colors=SWITCH_COLORS, labels=["switch: detect", "switch: start"])
+    totals = [data.switches[r]["switch_ms"] for r in rounds if data.switches[r]["switch_ms"] is not None]
+    for q, style in ((50, "--"), (99, ":")):
+        value = percentile(totals, q)
+        if value is not None:
+            ax.axhline(value, color="k", linestyle=style, linewidth=1, label=f"switch p{q} {value:.1f} ms")
 
 
 def plot_gpu_memory(data: ExperimentData, path: Path) -> Path | None:

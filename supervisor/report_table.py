@@ -16,7 +16,13 @@ Definitions (the numbers in ``report.md`` / ``report.json``):
 * moving average: trailing, over ``window`` rounds (fewer at the start), ``window`` = 100 as in the
   paper, or ``ceil(rounds / 10)`` when an experiment has fewer than 1000 rounds (10 for 100 rounds) so
   the curve is not flat; the band is the min/max over workers of each worker's own moving average;
-* restarts: ``resumed`` events, and every ``started`` event of a node after its first.
+* restarts: ``resumed`` events, and every ``started`` event of a node after its first;
+* **round time**: a worker's round is its metrics line's ``timings.round_s`` (the plot splits it by phase);
+  ``round p50`` is the median over rounds of the mean over workers. The **round switch** into a round is
+  the coordinator's line in ``round_switches.jsonl`` (:mod:`supervisor.switches`): from the last result of
+  the previous round written to every worker having started this one, split into detect (until the
+  coordinator wrote the next state) and start (from then until the last worker started); p50/p99 over
+  every switch logged (linear interpolation). Older experiments did not log it: "not recorded".
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from supervisor.report_data import ExperimentData
+from supervisor.switches import percentile, summarise_switches
+from supervisor.terminal import finite_number
 
 REPORT_SCHEMA_VERSION = 1
 PAPER_WINDOW = 100
@@ -86,6 +94,8 @@ class ExperimentSummary:
     restarts: int
     skipped_lines: int
     duplicate_lines: int
+    round_s_p50: float | None = None
+    round_switch: dict | None = None  # supervisor.switches.summarise_switches; None: not recorded
     plots: tuple[str, ...] = ()
 
 
@@ -122,7 +132,21 @@ def summarise(data: ExperimentData, base: ExperimentData | None) -> dict:
         final_reward=sum(last) / len(last) if last else None, window=window,
         change_vs_baseline_pct=change, compared_rounds=compared, restarts=len(data.restarts()),
         skipped_lines=data.skipped_lines, duplicate_lines=data.duplicate_lines,
+        round_s_p50=percentile(list(round_seconds(data).values()), 50),
+        round_switch=summarise_switches([data.switches[r] for r in sorted(data.switches)]),
     )
+
+
+def round_seconds(data: ExperimentData) -> dict[int, float]:
+    """round -> mean over the workers that recorded it of their ``timings.round_s``."""
+    per_round: dict[int, list[float]] = {}
+    for per_node in data.metrics.values():
+        for r, line in per_node.items():
+            t = line.get("timings")
+            value = finite_number(t.get("round_s")) if isinstance(t, dict) else None
+            if value is not None:
+                per_round.setdefault(r, []).append(value)
+    return {r: sum(v) / len(v) for r, v in sorted(per_round.items())}
 
 
 def change_vs_baseline(data: ExperimentData, base: ExperimentData) -> tuple[float | None, int]:
@@ -186,12 +210,45 @@ def _table(report: Report) -> list[str]:
     return lines
 
 
+def _ms_pair(figure: object) -> str:
+    """``p50 / p99`` of one figure of a switch summary, in ms."""
+    pair = figure if isinstance(figure, dict) else {}
+    return f"{_fmt(pair.get('p50'), 1)} / {_fmt(pair.get('p99'), 1)}"
+
+
+def _round_time(report: Report) -> list[str]:
+    """The round-time section: a worker's round beside the round switch (p50/p99, detect and start)."""
+    head = ["experiment", "round p50 (s)", "switch p50 / p99 (ms)", "detect p50 / p99 (ms)",
+            "start p50 / p99 (ms)", "switches logged"]
+    lines = ["## Round time", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    absent = []
+    for s in report.experiments:
+        sw = s.round_switch
+        if sw is None:
+            absent.append(s.label)
+            cells = ["not recorded"] * 3 + ["0"]
+        else:
+            incomplete = f" ({sw['incomplete']} timed out)" if sw["incomplete"] else ""
+            cells = [_ms_pair(sw.get(k)) for k in ("switch_ms", "detect_ms", "start_ms")] + [
+                f"{sw['rounds']}{incomplete}"]
+        lines.append("| " + " | ".join([s.label, _fmt(s.round_s_p50)] + cells) + " |")
+    lines += ["", "The round switch into a round: from the last result of the previous round written to every "
+              "worker having started this one (detect: until the coordinator wrote the next state; start: from "
+              "then until the last worker started), logged per round by the coordinator in "
+              "logs/coordinator/round_switches.jsonl; the plot round_time.png shows it per round."]
+    if absent:
+        lines.append(f"Round switch not recorded for {', '.join(absent)}: no round_switches.jsonl (an experiment "
+                     "from before the switch was logged, or no round has switched yet).")
+    return lines + [""]
+
+
 def render_markdown(report: Report) -> str:
-    """``report.md``: the table, the definitions, the warnings, the plots."""
+    """``report.md``: the table, the definitions, the round time, the warnings, the plots."""
     lines = ["# SAPO report", "", *_table(report), "", "Definitions: " + DEFINITION + ". Final (last W) is the "
              "mean of the per-round means over the last W rounds, W being the moving-average window.", ""]
     if report.baseline is None:
         lines += ["No experiment with J=0 (num_transplant_trees: 0) was given, so there is no change column.", ""]
+    lines += _round_time(report)
     if report.warnings:
         lines += ["Warnings:", ""] + [f"- {w}" for w in report.warnings] + [""]
     lines += ["## Plots", ""]

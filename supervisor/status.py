@@ -4,8 +4,8 @@
 :func:`summary_line` is its one-line form (sd_notify ``STATUS=``, the console); :func:`phase` and
 :func:`launch_complete` say where the supervisor as a whole is. :class:`StatusFile` rewrites the file at
 once when something lasting changed (a state, a pid, a restart, a failure, a GPU figure) and otherwise
-every :data:`STATUS_REFRESH_S`, so ages, rounds, rewards and CPU figures stay fresh without a rewrite
-every tick. :func:`read_status` is the reader's side, through :mod:`node.fsio` and strict JSON like any file
+every :data:`STATUS_REFRESH_S`, so ages, rounds, round switches, rewards and CPU figures stay fresh without
+a rewrite every tick. :func:`read_status` is the reader's side, through :mod:`node.fsio` and strict JSON like any file
 of the runtime dir (a FIFO or a symlink there reads as no status, never a hang). The human table lives in
 ``supervisor/statusview.py``.
 """
@@ -31,7 +31,7 @@ STATUS_VERSION = 1
 STATUS_MAX_BYTES = 16 * 1024 * 1024  # a status is a few KiB per node; this is a sanity cap
 STATUS_REFRESH_S = 5.0  # rewrite at least this often while nothing lasting changes (cli warns after 60 s)
 # Figures that change all the time: a change in these alone waits for the next refresh.
-PASSING_TOP = ("updated_at", "summary", "round")
+PASSING_TOP = ("updated_at", "summary", "round", "round_switch")
 PASSING_NODE = ("uptime_s", "in_state_s", "backoff_left_s", "heartbeat_age_s", "progress_age_s", "phase", "round",
                 "reward", "rss_bytes", "cpu_percent")
 PASSING_NESTED = {"supervisor": ("rss_bytes", "cpu_percent"), "gpu": ("utilization",)}
@@ -143,6 +143,7 @@ def snapshot(sup: "Supervisor", now: float | None = None) -> dict:
         "round": current_round(sup),
         "max_rounds": sup.config.experiment.max_rounds,
         "finished": bool(rs.finished) if rs else False,
+        "round_switch": sup.shared.round_switch,  # supervisor.switches.status_summary; None before the first
         "fatal": [{"node": n.name, "reason": n.status.fatal_reason} for n in sup.nodes.values()
                   if n.status.state is S.FATAL],
         "over_budget": [n.name for n in sup.nodes.values() if n.over_budget],

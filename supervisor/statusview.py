@@ -129,6 +129,29 @@ def _summary(st: dict) -> list[Line]:
     return [_text(st.get("summary", "")), _text(f"{launch.get('describe', '')}{utilisation}", "dim")]
 
 
+def _ms(value: object) -> str:
+    text = _fixed(value, ".1f")
+    return text if text in ("-", "?") else f"{text} ms"
+
+
+def _switch(st: dict) -> list[Line]:
+    """The last round switch and the percentiles over the last ones (:mod:`supervisor.switches`); nothing
+    before the first switch (or from a supervisor that did not record it)."""
+    sw = _dict(st.get("round_switch"))
+    last = _dict(sw.get("last"))
+    if not last:
+        return []
+    total = _dict(sw.get("switch_ms"))
+    text = (f"round switch: {_ms(last.get('switch_ms'))} into round {_fixed(last.get('round'), '.0f')} "
+            f"(detect {_ms(last.get('detect_ms'))}, start {_ms(last.get('start_ms'))}); "
+            f"p50 {_ms(total.get('p50'))}, p99 {_ms(total.get('p99'))} over the last {_fixed(sw.get('rounds'), '.0f')}")
+    missing = [str(m) for m in _list(last.get("missing"))]
+    if missing:
+        more = (finite_number(last.get("missing_count")) or 0) - len(missing)
+        text += "; not started in time: " + ", ".join(missing) + (f" (+{more:.0f} more)" if more > 0 else "")
+    return [_text(text)]
+
+
 def _row(name: str, n: dict) -> list[Segment]:
     gpu_mem = "?" if n.get("gpu_unknown") else fmt_bytes(n.get("gpu_bytes"))  # unknown is never 0
     if n.get("gpu_budget_bytes"):
@@ -208,7 +231,7 @@ def status_view(st: dict | None, *, running_pid: int | None, runtime_dir: Path, 
     if st is None:
         return view
     nodes = {name: _dict(n) for name, n in _dict(st.get("nodes")).items()}
-    view.head += _summary(st)
+    view.head += _summary(st) + _switch(st)
     view.rows = [_row(str(name), n) for name, n in nodes.items()]
     for name, n in nodes.items():
         if _failed(n):

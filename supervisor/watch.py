@@ -8,9 +8,10 @@
   through ``NSpid`` (container PIDs differ from NVML's host PIDs), the over-budget flag, and the wait
   for a killed worker's memory to be released before it is respawned. Memory NVML does not report stays
   unknown, never 0.
-- :class:`SharedPoller`: the round state and the workers' last rewards, read from the shared dir in a
-  helper thread (a Drive/FUSE mount may block; the loop never waits on it), through :mod:`node.fsio` (a
-  FIFO, symlink or device there is refused without blocking) and the schemas of :mod:`node.schemas`.
+- :class:`SharedPoller`: the round state, the workers' last rewards and the last round switches, read
+  from the shared dir in a helper thread (a Drive/FUSE mount may block; the loop never waits on it),
+  through :mod:`node.fsio` (a FIFO, symlink or device there is refused without blocking), the schemas of
+  :mod:`node.schemas` and :func:`supervisor.switches.switch_line`.
 
 Monitoring never takes the supervisor down: psutil and NVML errors leave figures unknown.
 """
@@ -29,6 +30,7 @@ from node.strict_json import parse_json_bytes
 from supervisor.gpu import GpuDevice, GpuInfo
 from supervisor.gpu_pids import Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
 from supervisor.logview import tail_text
+from supervisor.switches import STATUS_WINDOW, parse_tail, status_summary
 from supervisor.terminal import finite_number
 
 TREE_REFRESH_S = 30.0  # how often each node's descendants are looked up again (a scan of every process)
@@ -177,18 +179,21 @@ class GpuWatch:
 
 
 class SharedPoller:
-    """The coordinator's round state and each worker's last reward, read in a helper thread.
+    """The coordinator's round state, each worker's last reward and the last round switches, read in a
+    helper thread.
 
     :meth:`poll` starts a read unless the previous one is still running (a slow mount: logged once, the
     status shows older figures); :meth:`maybe_poll` does so at most every ``interval_s``. Only the
-    helper thread writes :attr:`round_state` and :attr:`rewards`. Every read goes through
-    :mod:`node.fsio` (regular files only, ``O_NONBLOCK``: a FIFO planted at the state file is refused, the
-    thread never parks on it); a refused or invalid file keeps the last good figures and is warned about
-    once per reason (``shared_file_refused``).
+    helper thread writes :attr:`round_state`, :attr:`rewards` and :attr:`round_switch`. Every read goes
+    through :mod:`node.fsio` (regular files only, ``O_NONBLOCK``: a FIFO planted at the state file is
+    refused, the thread never parks on it) and reads a bounded amount (the state file capped, the end of
+    each log file); a refused or invalid file keeps the last good figures and is warned about once per
+    reason (``shared_file_refused``), and so are bad round switch lines (``shared_lines_skipped``).
     """
 
     STATE_MAX_BYTES = 1024 * 1024  # the state file is a few hundred bytes
     TAIL_BYTES = 16384  # the end of a metrics file holding its last lines
+    SWITCH_TAIL_BYTES = 65536  # the end of round_switches.jsonl: ~250 bytes a line, more when it names workers
 
     def __init__(self, layout: ExperimentLayout, workers: Iterable[str], *, interval_s: float, log: Any):
         self.layout = layout
@@ -197,6 +202,7 @@ class SharedPoller:
         self.log = log
         self.round_state: RoundState | None = None
         self.rewards: dict[str, float] = {}
+        self.round_switch: dict | None = None  # supervisor.switches.status_summary of the last switches
         self._thread: threading.Thread | None = None
         self._slow = False
         self._next: float | None = None
@@ -230,6 +236,7 @@ class SharedPoller:
             reward = self._last_reward(node_id)
             if reward is not None:
                 self.rewards[node_id] = reward
+        self._read_round_switches()
 
     def _read_round_state(self) -> None:
         """The coordinator's state file as a :class:`RoundState` (missing: nothing; refused or invalid: one
@@ -267,9 +274,29 @@ class SharedPoller:
                     return value
         return None
 
-    def _refuse(self, path, err: Exception) -> None:
-        """Warn about a refused file once per reason (the poll repeats every few seconds)."""
+    def _read_round_switches(self) -> None:
+        """The coordinator's last :data:`~supervisor.switches.STATUS_WINDOW` round switches (the end of its
+        ``round_switches.jsonl``) as :attr:`round_switch`; missing: nothing; refused: the last good figures
+        kept; bad lines are left out and warned about once per reason."""
+        path = self.layout.round_switch_file()
+        try:
+            data, begin, _ = fsio.read_end(path, max_bytes=self.SWITCH_TAIL_BYTES)
+        except FileNotFoundError:
+            return
+        except (fsio.BadFile, OSError) as err:
+            self._refuse(path, err)
+            return
+        lines, bad, first = parse_tail(data, mid_line=begin > 0, window=STATUS_WINDOW, expect_node="coordinator")
+        if bad:
+            self._refuse(path, ValueError(f"a line left out: {first}"), event="shared_lines_skipped")
+        else:
+            self._refused.pop(str(path), None)
+        if lines:
+            self.round_switch = status_summary(lines)
+
+    def _refuse(self, path, err: Exception, event: str = "shared_file_refused") -> None:
+        """Warn about a refused file (or its bad lines) once per reason (the poll repeats every few seconds)."""
         reason = err.reason if isinstance(err, fsio.BadFile) else (str(err) or type(err).__name__)
         if self._refused.get(str(path)) != reason:
             self._refused[str(path)] = reason
-            self.log.warning("shared_file_refused", path=str(path), reason=reason)
+            self.log.warning(event, path=str(path), reason=reason)

@@ -98,6 +98,9 @@ def _hostile_status(rt: Path) -> dict:
                 log_tail=[HOSTILE, json.dumps({"event": HOSTILE, "level": "error"})])
     st["nodes"] = {"coordinator": st["nodes"]["coordinator"], HOSTILE: node}
     st["summary"], st["stop_reason"] = HOSTILE, HOSTILE
+    st["round_switch"] = {"last": {"round": HOSTILE, "switch_ms": 10 ** 400, "detect_ms": [HOSTILE], "start_ms": 1.5,
+                                   "missing": [HOSTILE, 7], "missing_count": HOSTILE},
+                          "rounds": 3, "switch_ms": HOSTILE}  # fields of the wrong type: '?' or '-'
     (rt / "status.json").write_text(json.dumps(st))
     return st
 
@@ -109,6 +112,8 @@ def test_status_escapes_a_hostile_node_id_in_plain_text_and_on_a_terminal(rt):
     assert not injected(text)
     rows = [line for line in text.splitlines() if line.startswith(escape_controls(HOSTILE) + " ")]
     assert len(rows) == 1 and rows[0].split()[1] == "FATAL"  # one row: the table's columns stay in place
+    assert ("round switch: ? into round ? (detect ?, start 1.5 ms); p50 -, p99 - over the last 3; not started in "
+            f"time: {escape_controls(HOSTILE)}, 7\n") in text
     console, out = terminal_console()
     console.print(statusview.status_renderable(st, **kwargs))
     shown = out.getvalue()
@@ -133,6 +138,23 @@ def test_validate_and_logs_escape_hostile_names_and_values(tmp_path, rt, capsys)
 
 
 # --------------------------------------------------------------------------- plain text (not a terminal)
+
+def test_status_shows_the_round_switch_in_plain_text_and_json(tmp_path, rt, capsys):
+    cfg = config_yaml(tmp_path / "cfg.yaml", tmp_path / "shared")
+    st = fabricated_status(rt)
+    st["round_switch"] = {"last": {"round": 7, "reason": "all_live_workers_submitted", "switch_ms": 37.3,
+                                   "detect_ms": 20.7, "start_ms": 16.6, "workers": 2, "missing": [],
+                                   "missing_count": 0},
+                          "rounds": 6, "measured": 6, "incomplete": 0, "switch_ms": {"p50": 38.0, "p99": 95.2},
+                          "detect_ms": {"p50": 20.0, "p99": 40.0}, "start_ms": {"p50": 18.0, "p99": 55.0}}
+    (rt / "status.json").write_text(json.dumps(st))
+    assert cli.main(["status", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert ("\nround switch: 37.3 ms into round 7 (detect 20.7 ms, start 16.6 ms); p50 38.0 ms, p99 95.2 ms over the "
+            "last 6\n") in out
+    assert cli.main(["status", str(cfg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"]["round_switch"]["switch_ms"] == {"p50": 38.0, "p99": 95.2}
+
 
 def test_status_watch_in_a_pipe_prints_plain_snapshots(tmp_path, rt, capsys, monkeypatch):
     cfg = config_yaml(tmp_path / "cfg.yaml", tmp_path / "shared")

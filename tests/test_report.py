@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from harness import CONFIG, Timeouts
+from node.layout import ExperimentLayout
+from node.signing import Signer
+from node.storage import SharedStore
 from supervisor.report import build_report, main
 from supervisor.report_data import ReportError, load_experiment
 from supervisor.report_table import moving_window, trailing_mean
@@ -288,6 +291,43 @@ def test_a_401_digit_integer_is_a_skipped_line_not_a_traceback(two_experiments, 
     assert rows["toy-2loc2ext"]["skipped_lines"] == 3
 
 
+def test_the_round_switch_beside_the_round_time_signed_and_plain_lines(two_experiments, tmp_path, capsys):
+    base, sapo = two_experiments
+    layout = ExperimentLayout(sapo)
+    store = SharedStore(layout, node_id="coordinator", lock_dir=tmp_path / "locks", spool_dir=tmp_path / "spool",
+                        signer=Signer(bytes(range(32))))
+    path = layout.round_switch_file()
+    line = {"node_id": "coordinator", "timestamp": T0, "reason": "all_live_workers_submitted", "workers": 2,
+            "missing": []}
+    store.append_jsonl(path, line | {"round": 1, "switch_ms": 30.0, "detect_ms": 20.0, "start_ms": 10.0})
+    store.append_jsonl(path, line | {"round": 2, "switch_ms": 50.0, "detect_ms": 20.0, "start_ms": 30.0})
+    with path.open("a") as fh:  # plain lines (an unsigned experiment), a timer's advance, and bad ones
+        fh.write(json.dumps(line | {"round": 3, "reason": "interval", "switch_ms": 40.0, "detect_ms": None,
+                                    "start_ms": 40.0, "missing": ["worker_2"]}) + "\n")
+        fh.write(json.dumps(line | {"round": 4, "switch_ms": -1.0, "detect_ms": 1.0, "start_ms": 1.0}) + "\n")
+        fh.write(json.dumps(line | {"round": 2, "switch_ms": 999.0, "detect_ms": 1.0, "start_ms": 1.0}) + "\n")
+        fh.write(json.dumps(line | {"round": 5})[:25])  # being appended
+    assert '"hmac":' in path.read_text().splitlines()[0]
+
+    code, out, err = _report(capsys, base, sapo, out=tmp_path / "out")
+    assert code == 0 and err == ""
+    rows = {e["label"]: e for e in json.loads((tmp_path / "out" / "report.json").read_text())["experiments"]}
+    sw = rows["toy-2loc2ext"]["round_switch"]
+    assert (sw["rounds"], sw["measured"], sw["incomplete"]) == (3, 3, 1)
+    assert sw["switch_ms"] == {"p50": 40.0, "p99": 49.8} and sw["detect_ms"] == {"p50": 20.0, "p99": 20.0}
+    assert sw["start_ms"] == {"p50": 30.0, "p99": 39.8}
+    assert rows["toy-2loc2ext"]["round_s_p50"] == pytest.approx(1.0)
+    assert rows["toy-4loc0ext"]["round_switch"] is None  # an older experiment: absent, not an error
+    assert "| toy-2loc2ext | 1.00 | 40.0 / 49.8 | 20.0 / 20.0 | 30.0 / 39.8 | 3 (1 timed out) |" in out
+    assert "| toy-4loc0ext | 1.00 | not recorded | not recorded | not recorded | 0 |" in out
+    assert "Round switch not recorded for toy-4loc0ext" in out
+    assert ("- toy-2loc2ext: skipped logs/coordinator/round_switches.jsonl: 2 line(s) left out; the first, line 4: "
+            "switch_ms: not a number >= 0 or null (-1.0)\n") in out  # the partial last line is one more skipped
+    assert "toy-2loc2ext: ignored 1 repeated (node, round) line(s)" in out  # round 2 again: the first one counts
+    assert_png(tmp_path / "out" / "toy-2loc2ext" / "round_time.png")
+    assert_png(tmp_path / "out" / "toy-4loc0ext" / "round_time.png")
+
+
 def test_moving_average_helpers():
     assert [moving_window(n) for n in (1, 4, 10, 100, 120, 999, 1000, 2000)] == [1, 1, 1, 10, 12, 100, 100, 100]
     # Trailing window over round numbers, partial at the start, gaps allowed.
@@ -310,5 +350,10 @@ def test_report_on_a_real_two_worker_swarm(make_swarm, tmp_path):
     assert row.cumulative_reward == pytest.approx(expected)
     assert (row.workers, row.rounds, row.finished, row.num_transplant_trees) == (2, 4, True, 2)
     assert report.warnings == () and row.skipped_lines == 0  # every line a real node writes is taken
+    # The coordinator's signed round switches (into rounds 1-3; a late one may have timed out) beside them.
+    sw = row.round_switch
+    assert sw is not None and 1 <= sw["rounds"] <= 3 and sw["switch_ms"]["p50"] is not None, sw
+    assert sw["switch_ms"]["p50"] <= sw["switch_ms"]["p99"]
+    assert f"| {row.label} | {row.round_s_p50:.2f} | {sw['switch_ms']['p50']:.1f} / " in report.markdown.read_text()
     for path in report.plots:
         assert_png(path)
