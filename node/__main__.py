@@ -13,8 +13,11 @@ checkpoint, 2 configuration error, 1 anything else.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
+import types
 
 import structlog
 
@@ -31,6 +34,9 @@ from sapo.config import ConfigError
 
 log = structlog.get_logger("node")
 ROLES = ("coordinator", "worker")
+# Imported by reasoning-gym at its own import but used only when one of its datasets builds an item:
+# cellpylib (game_of_life*) pulls in matplotlib.pyplot and mplot3d, ~0.45 s of every worker's start.
+DEFERRED_IMPORTS = ("cellpylib",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,8 +210,47 @@ def join_experiment(store, layout, config, node_id: str, stop: StopFlag, *, retr
             stop.sleep(retry_s)
 
 
+class DeferredModule(types.ModuleType):
+    """A stand-in in ``sys.modules`` that imports the real module at its first attribute lookup.
+
+    importlib's LazyLoader cannot do this job: an ``import`` statement reads the module's ``__spec__``, which
+    loads a lazy module at once. The stand-in holds ``__spec__``, ``__file__`` and ``__path__``, so an
+    ``import`` of it, or a walk over ``sys.modules``, costs nothing."""
+
+    def __getattr__(self, attr):  # called only for what the stand-in lacks
+        real = sys.modules.get(self.__name__)
+        if real is None or real is self:
+            sys.modules.pop(self.__name__, None)
+            real = importlib.import_module(self.__name__)
+        self.__dict__.update(real.__dict__)  # later lookups through the stand-in are plain ones
+        return getattr(real, attr)
+
+
+def defer_imports(names=DEFERRED_IMPORTS) -> list[str]:
+    """Put a :class:`DeferredModule` in place of each top-level module in ``names``; the names deferred. One
+    already imported, or not installed, is left alone."""
+    deferred = []
+    for name in names:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)  # a top-level name: found without running anything
+        if spec is None:
+            continue
+        stand_in = DeferredModule(name)
+        # What the import system and inspect.getmodule (torch's import walks sys.modules) read, without loading.
+        stand_in.__spec__, stand_in.__loader__, stand_in.__file__ = spec, spec.loader, spec.origin
+        stand_in.__package__ = spec.parent
+        if spec.submodule_search_locations is not None:
+            stand_in.__path__ = list(spec.submodule_search_locations)
+        sys.modules[name] = stand_in
+        deferred.append(name)
+    return deferred
+
+
 def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:
-    """Register, load the model, then train (heartbeats start only once the model is loaded)."""
+    """Import torch and transformers, register, load the model, then train (heartbeats start only once the model
+    is loaded: the first one, phase ``loaded``, is the supervisor's sign that the next worker may load its own)."""
+    defer_imports()  # before anything imports reasoning-gym
     import torch
     import transformers
 
@@ -229,6 +274,9 @@ def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:
     autocast = None if config.model.autocast == "none" else getattr(torch, config.model.autocast)
     learner = SapoLearner(loaded.model, loaded.tokenizer, config.sapo, experiment_seed=config.experiment.seed,
                           autocast=autocast)
+    # The first heartbeat, phase "loaded": the model and the learner's copies of it are in memory. The supervisor's
+    # stagger ("loaded", a GPU's default) starts the next worker on it; a failure before it is a start-up failure.
+    heartbeat.progress("loaded", status="starting")
     heartbeat.start()
     log.info("worker_ready", device=device, dtype=str(loaded.dtype), autocast=config.model.autocast,
              attn_implementation=loaded.model.config._attn_implementation)

@@ -154,6 +154,11 @@ class SupervisorSection:
     heartbeat_timeout_s: Float = Field(300.0, gt=0.0, description="a node silent this long is hung: killed and "
                                        "restarted")
     startup_timeout_s: Float = Field(600.0, gt=0.0, description="longest wait for a new node's first heartbeat")
+    stagger: choice("auto", "none", "heartbeat", "loaded") = Field(
+        "auto", description="how start-ups are spread out (GPU memory spikes while a model loads): none = every "
+        "node at once; heartbeat = one at a time, each once the previous node's first heartbeat came; loaded = "
+        "the next worker once every starting worker has loaded its model (the coordinator loads none); "
+        "auto = none on the CPU, loaded on a GPU")
     monitor_interval_s: Float = Field(2.0, gt=0.0, description="how often the supervisor looks at its nodes")
     stop_timeout_s: Float = Field(60.0, gt=0.0, description="SIGTERM -> SIGKILL grace period (nodes checkpoint "
                                   "in it)")
@@ -316,7 +321,8 @@ def resolve_config(
 
 
 def _check_task_names(config: ExperimentConfig) -> None:
-    from sapo.tasks import known_task_names  # imports reasoning-gym (~1 s, no torch) only when needed
+    # reasoning-gym's names from a cache keyed by its install: the supervisor and the coordinator never import it
+    from node.task_names import known_task_names
 
     known = set(known_task_names())
     for i, task in enumerate(config.sapo.tasks):

@@ -16,8 +16,10 @@ in this order:
    heartbeat, so a silent one is held under the ``runtime_disk_full`` condition instead, the error
    ``runtime_disk_full`` is logged (once a minute) and shown in the summary line, and all resumes when
    space returns;
-4. spawns, one start-up at a time (the coordinator, then each worker once the previous one heartbeats or
-   gave up; simultaneous CUDA start-ups fail), a killed GPU worker only once NVML no longer lists it
+4. spawns, as ``supervisor.stagger`` allows (:data:`~supervisor.states.STAGGER_POLICIES`): on the CPU every
+   node at once; on a GPU the coordinator and the first worker, then each next worker once no worker is still
+   loading its model (simultaneous CUDA model loads spike past the memory plan); ``heartbeat`` is one start-up
+   at a time. A killed GPU worker is respawned only once NVML no longer lists it
    (:meth:`supervisor.watch.GpuWatch.released`, bounded by ``gpu_release_timeout_s``);
 5. every ``monitor_interval_s``: psutil and NVML figures and the shared dir (:mod:`supervisor.watch`);
    every tick, sd_notify and ``status.json``, rewritten only when something lasting changed or its
@@ -55,7 +57,8 @@ from supervisor.nvml import open_gpu
 from supervisor.runfiles import RuntimePaths, SupervisorLock
 from supervisor.sdnotify import SdNotifier, SupervisorNotices
 from supervisor.states import (
-    TERMINAL_STATES, ExitInfo, NodeState, NodeStatus, RestartPolicy, change_state, set_condition,
+    TERMINAL_STATES, ExitInfo, NodeState, NodeStatus, RestartPolicy, change_state, resolve_stagger, set_condition,
+    spawn_held_by,
 )
 from supervisor.stopping import StopSequence
 from supervisor.watch import GpuWatch, ProcessSampler, SharedPoller
@@ -104,6 +107,7 @@ class Supervisor:
         self.nodes: dict[str, ManagedNode] = {
             name: ManagedNode(NodeStatus(name, role)) for name, role in node_names(sv.workers)}
         self.launch: LaunchPlan | None = None
+        self.stagger: str | None = None  # the resolved supervisor.stagger (prepare() sets it with the device)
         self.exit_code: int | None = None
         self.started_wall = self.os.now()
         self.stop = StopSequence(sv.stop_timeout_s, send=self.send_signal, notifier=self.notifier, log=self.log)
@@ -140,9 +144,10 @@ class Supervisor:
         except BaseException:  # PlanError, ConfigError (no such device), or worse
             self.close_gpu()
             raise
+        self.stagger = resolve_stagger(self.sv.stagger, self.launch.device)
         chosen = self.launch.gpu_device
         self.log.info("gpu_plan", device=self.launch.device, plan=self.launch.describe(), workers=self.sv.workers,
-                      gpu_uuid=chosen.uuid if chosen else None)
+                      gpu_uuid=chosen.uuid if chosen else None, stagger=self.stagger)
         for note in self.launch.notes:
             self.log.warning("gpu_choice", detail=note)
         if chosen is None:
@@ -308,19 +313,22 @@ class Supervisor:
         change_state(node.status, S.STOPPING, reason=f"hung: {detail}", now=now, log=self.log)
 
     def _spawn_next(self, now: float) -> None:
-        """Spawn at most one node: none while another one is starting (one start-up at a time)."""
-        if any(n.status.state is S.STARTING for n in self.nodes.values()):
-            return
+        """Spawn the nodes that are due (STOPPED, or BACKOFF with its delay passed), in start order, while the
+        stagger policy lets them (:func:`~supervisor.states.spawn_held_by`): all of them with ``none``."""
         for node in self.nodes.values():
+            if self._spawn_held() is not None:
+                return
             st = node.status
             if st.state is S.STOPPED:
                 self._spawn(node, now)
-                return
-            if st.state is S.BACKOFF and st.backoff_until is not None and now >= st.backoff_until:
+            elif st.state is S.BACKOFF and st.backoff_until is not None and now >= st.backoff_until:
                 if self.gpu_watch is not None and not self.gpu_watch.released(node, now, self.gpu_release_timeout_s):
                     continue
                 self._spawn(node, now)
-                return
+
+    def _spawn_held(self) -> str | None:
+        """The node whose start-up holds back the next spawn, or None."""
+        return spawn_held_by(self.stagger or "heartbeat", (n.status for n in self.nodes.values()))
 
     def _spawn(self, node: ManagedNode, now: float) -> None:
         st = node.status
@@ -456,8 +464,8 @@ class Supervisor:
     def next_wake(self, now: float) -> float:
         """Seconds until the next tick is useful (signals and child exits wake the loop earlier)."""
         t = self._next_monitor if self._next_monitor is not None else now
-        starting = any(n.status.state is S.STARTING for n in self.nodes.values())
-        floor = now + STARTING_POLL_S if starting else now  # no spawn while another node is starting
+        held = self._spawn_held() is not None
+        floor = now + STARTING_POLL_S if held else now  # no spawn while a start-up holds the next one back
         for n in self.nodes.values():
             st = n.status
             if st.state is S.STARTING or (st.state is S.STOPPED and not self.stop.active):

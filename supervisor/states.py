@@ -15,7 +15,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 
 class NodeState(str, Enum):
@@ -45,6 +45,11 @@ class NodeState(str, Enum):
         BACKOFF  ◀ STARTING, RUNNING, STOPPING         STOPPING ◀ STARTING, RUNNING
         STOPPED  ◀ STOPPING, BACKOFF                   EXITED   ◀ STARTING, RUNNING
         FATAL    ◀ STOPPED, STARTING, RUNNING, STOPPING, BACKOFF
+
+    When a STOPPED or BACKOFF node is spawned depends on ``supervisor.stagger`` too
+    (:data:`STAGGER_POLICIES`, :func:`spawn_held_by`): at once (``none``, the CPU's default), or once the
+    start-up before it is far enough (``heartbeat``: its first heartbeat; ``loaded``, a GPU's default: a
+    starting worker's model load, which its first heartbeat marks).
 
     STOPPED: not running, not wanted (initial, or after a requested stop).
     STARTING: spawned, no heartbeat yet. RUNNING: heartbeating.
@@ -109,6 +114,40 @@ CONDITIONS: dict[str, str] = {
                          "silence is not a hang; it is not killed, and beats again once space returns",
 }
 CONDITION_STATES: frozenset[NodeState] = frozenset({S.STARTING, S.RUNNING})
+
+
+# How start-ups are spread out (``supervisor.stagger``; :func:`resolve_stagger` turns ``auto`` into one of
+# these). Staggering exists for GPU memory: CUDA contexts and weights arriving on one device at once spike past
+# the plan. On the CPU the start-ups share only the cores, and waiting costs each worker's whole start-up.
+STAGGER_POLICIES: dict[str, str] = {
+    "none": "every node is spawned at once (restarts too: no start-up waits for another)",
+    "heartbeat": "one start-up at a time: the next node once the one STARTING sent its first heartbeat or gave up",
+    "loaded": "the next worker once no worker is still loading its model: a worker's first heartbeat (phase "
+              "'loaded') comes right after its model load; the coordinator loads no model and holds no one back",
+}
+
+
+def resolve_stagger(configured: str, device: str) -> str:
+    """The policy for ``supervisor.stagger`` on ``device`` (``cpu``/``cuda``): ``auto`` is ``none`` on the CPU
+    and ``loaded`` on a GPU. ValueError for a name not in :data:`STAGGER_POLICIES`."""
+    if configured == "auto":
+        return "loaded" if device == "cuda" else "none"
+    if configured not in STAGGER_POLICIES:
+        raise ValueError(f"unknown stagger policy {configured!r}; allowed: auto, {', '.join(STAGGER_POLICIES)}")
+    return configured
+
+
+def spawn_held_by(policy: str, nodes: Iterable[NodeStatus]) -> str | None:
+    """The node whose start-up holds back the next spawn under ``policy`` (see :data:`STAGGER_POLICIES`), or
+    None when a node may be spawned now. Pure: the tick asks before every spawn."""
+    if policy not in STAGGER_POLICIES:
+        raise ValueError(f"unknown stagger policy {policy!r}; allowed: {', '.join(STAGGER_POLICIES)}")
+    for st in nodes:
+        if st.state is not S.STARTING:
+            continue
+        if policy == "heartbeat" or (policy == "loaded" and st.role == "worker" and not st.first_heartbeat_seen):
+            return st.name
+    return None
 
 
 class IllegalTransition(RuntimeError):

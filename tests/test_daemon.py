@@ -103,7 +103,7 @@ def advance(sup, fos, seconds, step=0.1, beat_running=True) -> None:
 # --------------------------------------------------------------------------- FakeOS: the state machine
 
 def test_staggered_start_one_node_at_a_time_with_the_contract(tmp_path):
-    sup, fos, log = fake_sup(tmp_path, workers=2)
+    sup, fos, log = fake_sup(tmp_path, workers=2, stagger="heartbeat")
     sup.tick()
     assert [p.args[-3] for p in fos.spawned] == ["coordinator"]  # --node-id coordinator --set k=v
     sup.tick()
@@ -127,8 +127,62 @@ def test_staggered_start_one_node_at_a_time_with_the_contract(tmp_path):
     assert [kw["node"] for kw in log.named("node_spawned")] == ["coordinator", "worker_1", "worker_2"]
 
 
+def test_cpu_swarm_spawns_every_node_at_once_and_restarts_wait_for_no_start_up(tmp_path):
+    sup, fos, log = fake_sup(tmp_path, workers=3)  # supervisor.device cpu, stagger auto
+    sup.tick()
+    assert sup.stagger == "none" and log.named("gpu_plan")[0]["stagger"] == "none"
+    assert [p.args[-3] for p in fos.spawned] == ["coordinator", "worker_1", "worker_2", "worker_3"]
+    assert all(n.status.state is S.STARTING for n in sup.nodes.values())  # no heartbeat yet, none waited for
+    assert sup.next_wake(fos.monotonic()) <= 0.25 + 1e-9  # polls for the first heartbeats, nothing held
+    for name in ("coordinator", "worker_1", "worker_2"):
+        beat(sup, fos, name)
+    sup.tick()
+    w2 = sup.nodes["worker_2"]
+    fos.exit(w2.proc.pid, 1)
+    sup.tick()
+    assert w2.status.state is S.BACKOFF and state(sup, "worker_3") is S.STARTING
+    fos.advance(w2.status.backoff_until - fos.monotonic())
+    sup.tick()  # worker_3 is still starting: with "none" the restart does not wait for it
+    assert w2.status.state is S.STARTING and w2.status.restarts == 1 and state(sup, "worker_3") is S.STARTING
+
+
+def test_gpu_swarm_starts_the_next_worker_once_the_previous_one_loaded_its_model(tmp_path):
+    from doubles import FakeGpu
+    from supervisor.gpu import GIB
+
+    fos, log = FakeOS(), RecordingLog()
+    cfg = fake_config(tmp_path / "shared", workers=3, device="cuda", memory_fraction="auto",
+                      cuda_context_margin_gb=0.5)
+    sup = Supervisor(cfg, os_=fos, gpu=FakeGpu(80 * GIB), runtime_dir=tmp_path / "rt",
+                     notifier=SdNotifier(environ={}), log=log, environ={}, sample_processes=False)
+    spawned = lambda: [p.args[-1] for p in fos.spawned]  # noqa: E731 - ... --node-id NAME (no --set here)
+    sup.tick()
+    assert sup.stagger == "loaded"
+    assert spawned() == ["coordinator", "worker_1"]  # the coordinator loads no model: it holds no one back
+    fos.advance(1.0)
+    beat(sup, fos, "coordinator")
+    sup.tick()
+    assert spawned() == ["coordinator", "worker_1"], "a second model load began while worker_1 was loading"
+    beat(sup, fos, "worker_1", phase="loaded", status="starting")  # its first heartbeat: the model is loaded
+    sup.tick()
+    assert state(sup, "worker_1") is S.RUNNING and spawned() == ["coordinator", "worker_1", "worker_2"]
+    w1 = sup.nodes["worker_1"]
+    fos.exit(w1.proc.pid, 1)  # worker_1 crashes while worker_2 is loading: its restart waits its turn
+    sup.tick()
+    fos.advance(w1.status.backoff_until - fos.monotonic() + 0.1)
+    sup.tick()
+    assert w1.status.state is S.BACKOFF and spawned()[-1] == "worker_2"
+    assert sup.next_wake(fos.monotonic()) >= min(0.25, sup.sv.monitor_interval_s) - 1e-9  # held: no busy loop
+    beat(sup, fos, "worker_2", phase="loaded", status="starting")
+    sup.tick()  # worker_2 loaded: worker_1's restart goes first (start order), worker_3 after its load
+    assert spawned()[-1] == "worker_1" and w1.status.state is S.STARTING and state(sup, "worker_3") is S.STOPPED
+    beat(sup, fos, "worker_1", phase="loaded", status="starting")
+    sup.tick()
+    assert spawned()[-1] == "worker_3"
+
+
 def test_startup_timeout_is_a_hang_and_the_next_node_goes_on(tmp_path):
-    sup, fos, log = fake_sup(tmp_path, workers=1, startup_timeout_s=5.0)
+    sup, fos, log = fake_sup(tmp_path, workers=1, startup_timeout_s=5.0, stagger="heartbeat")
     sup.tick()
     coord = fos.spawned[0]
     fos.advance(5.1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from supervisor.states import (
-    ALLOWED, EXIT_REASONS, RUNNING_STATES, STOPPED_STATES, ExitInfo, IllegalTransition, NodeState,
-    NodeStatus, RestartPolicy, change_state, set_condition,
+    ALLOWED, EXIT_REASONS, RUNNING_STATES, STAGGER_POLICIES, STOPPED_STATES, ExitInfo, IllegalTransition, NodeState,
+    NodeStatus, RestartPolicy, change_state, resolve_stagger, set_condition, spawn_held_by,
 )
 
 S = NodeState
@@ -285,3 +285,57 @@ def test_policy_from_section():
     p = RestartPolicy.from_section(sec)
     assert p.backoff_initial_s == 3.0 and p.max_restarts == 7
     assert p.startup_failures_fatal == sec.startup_failures_fatal
+
+
+# --------------------------------------------------------------------------- the stagger policy
+
+def swarm_in(**states: NodeState) -> list[NodeStatus]:
+    """Statuses in start order: ``coordinator`` first, then ``worker_N`` (name=state)."""
+    return [NodeStatus(name, "coordinator" if name == "coordinator" else "worker", state=st)
+            for name, st in states.items()]
+
+
+def test_stagger_auto_is_none_on_the_cpu_and_loaded_on_a_gpu():
+    assert resolve_stagger("auto", "cpu") == "none"
+    assert resolve_stagger("auto", "cuda") == "loaded"
+    for policy in STAGGER_POLICIES:  # an explicit choice wins on either device
+        assert resolve_stagger(policy, "cpu") == resolve_stagger(policy, "cuda") == policy
+    with pytest.raises(ValueError, match="allowed: auto, none, heartbeat, loaded"):
+        resolve_stagger("sometimes", "cpu")
+    with pytest.raises(ValueError, match="unknown stagger policy"):
+        spawn_held_by("auto", [])  # the tick asks with a resolved policy only
+
+
+def test_stagger_none_never_holds_a_spawn():
+    nodes = swarm_in(coordinator=S.STARTING, worker_1=S.STARTING, worker_2=S.BACKOFF)
+    assert spawn_held_by("none", nodes) is None
+
+
+def test_stagger_heartbeat_holds_while_any_node_is_starting():
+    assert spawn_held_by("heartbeat", swarm_in(coordinator=S.STARTING, worker_1=S.STOPPED)) == "coordinator"
+    assert spawn_held_by("heartbeat", swarm_in(coordinator=S.RUNNING, worker_1=S.STARTING,
+                                               worker_2=S.STOPPED)) == "worker_1"
+    settled = swarm_in(coordinator=S.RUNNING, worker_1=S.BACKOFF, worker_2=S.FATAL, worker_3=S.STOPPED)
+    assert spawn_held_by("heartbeat", settled) is None  # gave up or waiting: nobody is starting
+
+
+def test_stagger_loaded_holds_only_while_a_worker_is_loading():
+    # The coordinator loads no model: it holds no one back.
+    assert spawn_held_by("loaded", swarm_in(coordinator=S.STARTING, worker_1=S.STOPPED)) is None
+    # A worker STARTING has not sent its first heartbeat, which comes right after its model load.
+    assert spawn_held_by("loaded", swarm_in(coordinator=S.STARTING, worker_1=S.STARTING,
+                                            worker_2=S.STOPPED)) == "worker_1"
+    loaded = swarm_in(coordinator=S.RUNNING, worker_1=S.RUNNING, worker_2=S.BACKOFF)
+    assert spawn_held_by("loaded", loaded) is None
+    restarting = swarm_in(coordinator=S.RUNNING, worker_1=S.RUNNING, worker_2=S.STARTING, worker_3=S.BACKOFF)
+    assert spawn_held_by("loaded", restarting) == "worker_2"  # a restart loads a model too
+
+
+def test_stagger_field_in_the_config():
+    from node.config import SupervisorSection, resolve_config
+    from sapo.config import ConfigError
+
+    assert SupervisorSection().stagger == "auto"
+    assert resolve_config(None, overrides=["supervisor.stagger=none"]).supervisor.stagger == "none"
+    with pytest.raises(ConfigError, match="supervisor.stagger: must be one of auto, none, heartbeat, loaded"):
+        resolve_config(None, overrides=["supervisor.stagger=later"])
