@@ -32,7 +32,7 @@ import yaml
 
 from node.config import resolve_config
 from node.logs import configure_logging
-from node.signing import KEY_ENV, KEY_FILE_ENV, KeyProblem, fingerprint, resolve_key
+from node.signing import KEY_ENV, KEY_FILE_ENV, KeyProblem, resolve_key
 from sapo.config import ConfigError
 from supervisor import detach, live, logview, procs, validate
 from supervisor.daemon import Supervisor
@@ -80,7 +80,7 @@ def cmd_launch(args) -> int:
     pid = running_supervisor(paths)
     if pid is not None:
         raise AlreadyRunning(pid, paths.root)
-    _provide_key(args.key_file, paths.root)
+    _provide_key(args.key_file, paths.root)  # each node logs the key's fingerprint (experiment_key)
     kwargs = dict(config_path=args.config, overrides=overrides, node_command=_node_command())
     if args.detach:
         return detach.launch_detached(config, kwargs, paths)
@@ -99,12 +99,11 @@ def _provide_key(key_file: str | None, runtime_dir) -> None:
     ``<runtime dir>/swarm.key``, created at the first launch) the nodes' ``$SWARM_KEY``. A bad key is a
     configuration error before anything starts."""
     try:
-        key, source = resolve_key(key_file=key_file, runtime_dir=runtime_dir, create=True)
+        key, _ = resolve_key(key_file=key_file, runtime_dir=runtime_dir, create=True)
     except KeyProblem as err:
         raise ConfigError("--key-file", str(err)) from None
     os.environ[KEY_ENV] = key.hex()
     os.environ.pop(KEY_FILE_ENV, None)
-    print(f"swarm: experiment key {fingerprint(key)} from {source}", file=sys.stderr)
 
 
 def cmd_status(args) -> int:
