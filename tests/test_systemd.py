@@ -104,7 +104,7 @@ def test_sd_notify_through_the_daemon_on_a_real_socket(tmp_path, listener):
     path, sock = listener
     env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "60000000", "PATH": "/bin"}
     fos = FakeOS(obey_signals=False)
-    cfg = fake_config(tmp_path / "shared", workers=2)
+    cfg = fake_config(tmp_path / "shared", workers=2, stagger="heartbeat")  # one start-up at a time
     sup = Supervisor(cfg, os_=fos, gpu=None, runtime_dir=tmp_path / "rt", notifier=SdNotifier(environ=env),
                      log=RecordingLog(), environ=env, sample_processes=False)
     sup.tick()  # coordinator starting: no READY yet
