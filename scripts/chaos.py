@@ -5,8 +5,9 @@
     python scripts/chaos.py --only kill_storm --only hung_worker --keep
     python scripts/chaos.py --quick --only kill_storm --seed 632211013     # replay the random choices
 
-Scenarios on `swarm launch` (tiny model, CPU) live in tests/chaos/scenarios.py; the storage-level ones
-(Drive disconnect on a real FUSE mount, ENOSPC on a real tmpfs, stale reads, stale locks, config fuzzing)
+Scenarios on `swarm launch` (tiny model, CPU) live in tests/chaos/scenarios.py, the attacks on the trust
+boundary (someone without the key writing to the shared directory) in tests/chaos/trust_scenarios.py; the
+storage-level ones (Drive disconnect on a real FUSE mount, ENOSPC on a real tmpfs, stale reads, stale locks, config fuzzing)
 are the pytest tests in tests/chaos/, run here through pytest with $CHAOS_FIGURES collecting what they
 measured. Prints one table row per scenario: faults injected, PASS/FAIL, data lost (rollouts/rounds/
 checkpoints), time to recover. Exit code 0 when every scenario passed.
@@ -33,6 +34,9 @@ sys.path[:0] = [str(ROOT / "tests" / "chaos"), str(ROOT / "tests"), str(ROOT)]
 
 from node.fsio import read_jsonl  # noqa: E402
 from scenarios import FIGURES_ENV, SCENARIOS, Figures, render_table, run_scenario  # noqa: E402
+from trust_scenarios import TRUST_SCENARIOS  # noqa: E402
+
+SCENARIOS = {**SCENARIOS, **TRUST_SCENARIOS}
 
 # pytest-only scenarios: (row title, test ids, faults injected, how to turn their recorded figures into a row)
 PYTEST_SCENARIOS = [
@@ -56,7 +60,8 @@ PYTEST_SCENARIOS = [
 
 ORDER = ["kill_storm", "host_disconnect", "hung_worker", "hung_main_loop", "crash_loop_bad_model",
          "crash_loop_import_error", "drive_disconnect", "enospc_checkpoint", "enospc_publish", "stale_read",
-         "half_written", "io_bursts", "stale_lock", "malicious_peer_files", "second_supervisor", "config_fuzz"]
+         "half_written", "io_bursts", "stale_lock", "malicious_peer_files", "second_supervisor", "config_fuzz",
+         "forged_state", "own_paths", "planted_files", "startup_under_load"]
 
 
 def run_pytest_scenarios(names: list[str], workdir: Path, quick: bool) -> dict[str, Figures]:

@@ -271,6 +271,10 @@ class Swarm:
         self.history: dict[str, list[tuple[float, int | None, str]]] = {}  # node -> (wall, pid, state) on change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Attack scenarios forge the state file: set this to sample only states signed with the swarm's key,
+        # and add to ``replayed_states`` the bytes of signed states they replay (old, but signed).
+        self.sample_signed_states_only = False
+        self.replayed_states: set[bytes] = set()
 
     # -- running
     def command(self, sub: str, *extra: str) -> list[str]:
@@ -380,7 +384,7 @@ class Swarm:
             hist = self.history.setdefault(name, [])
             if not hist or hist[-1][1:] != (pid, state):
                 hist.append((now, pid, state))
-        state = self.state()
+        state = self.signed_state() if self.sample_signed_states_only else self.state()
         if state is not None:
             key = (state.get("round"), bool(state.get("finished")))
             if not self.rounds or self.rounds[-1][1:] != key:
@@ -415,6 +419,27 @@ class Swarm:
         except (OSError, ValueError):
             return None
         return obj if isinstance(obj, dict) else None
+
+    def signed_state(self) -> dict | None:
+        """The state file when it carries a valid signature of the swarm's key (``<runtime>/swarm.key``), as
+        the nodes accept it; None while it is missing, half-written, unsigned, forged or one of
+        :attr:`replayed_states`."""
+        from node.signing import KEY_FILE_NAME, Signer, SignatureError, read_key_file
+
+        try:
+            signer = Signer(read_key_file(self.runtime / KEY_FILE_NAME))
+            data = (self.exp / "state" / "current_state.json").read_bytes()
+            if data in self.replayed_states:
+                return None
+            obj = json.loads(signer.verify(data, "state/current_state.json"))
+        except (OSError, ValueError, SignatureError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def signed_round(self) -> int:
+        """The round of :meth:`signed_state`, -1 without one."""
+        st = self.signed_state()
+        return int(st["round"]) if st and isinstance(st.get("round"), int) else -1
 
     def state_round(self) -> int:
         st = self.state()
