@@ -276,7 +276,7 @@ def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:
                           autocast=autocast)
     # The first heartbeat, phase "loaded": the model and the learner's copies of it are in memory. The supervisor's
     # stagger ("loaded", a GPU's default) starts the next worker on it; a failure before it is a start-up failure.
-    heartbeat.progress("loaded", status="starting")
+    heartbeat.progress("loaded")
     heartbeat.start()
     log.info("worker_ready", device=device, dtype=str(loaded.dtype), autocast=config.model.autocast,
              attn_implementation=loaded.model.config._attn_implementation)
