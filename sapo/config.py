@@ -112,20 +112,36 @@ class SapoConfig:
         "auto", description="sample with one reused static KV cache sized max_prompt_tokens + max_new_tokens, so "
         "that transformers compiles the decoding step with torch.compile (CUDA graphs); auto = on for CUDA, off "
         "for a CPU (where only the static cache would apply)")
+    decode: choice("auto", "generate", "lean") = Field(
+        "auto", description="the sampling loop: generate (transformers' generate; compiled with compile_generate) or "
+        "lean (sapo/decode.py: each prompt prefilled once, then one token per step without generate's overhead; the "
+        "same tokens bit for bit, and generate wherever it cannot be); auto = lean on a CPU unless compile_generate "
+        "is on, generate elsewhere")
     warmup: AutoBool = Field(
         "auto", description="before the first round, one worst-case generate + loss/backward (no optimizer step), "
         "so an out-of-memory shows at start-up; auto = on for CUDA, off for CPU")
     tasks: Annotated[tuple[TaskSpec, ...], AfterValidator(_unique_tasks)] = Field(
         default_factory=lambda: DEFAULT_TASKS, description="weighted task mix")
 
+    def __post_init__(self):
+        if self.decode == "lean" and self.compile_generate is True:
+            raise ValueError("decode=lean cannot go with compile_generate=true (compiled decoding runs inside "
+                             "generate); set one of them to auto")
+
     def resolved(self, device_type: str) -> "SapoConfig":
         """This config with every ``auto`` decided for a device type ("cuda", "cpu", ...)."""
         cuda = device_type == "cuda"
+        compile_generate = cuda if self.compile_generate == "auto" else self.compile_generate
+        if self.decode != "auto":
+            decode = self.decode
+        else:  # measured in docs/PERFORMANCE.md: lean wins on a CPU; CUDA has compiled generate
+            decode = "lean" if device_type == "cpu" and not compile_generate else "generate"
         return dataclasses.replace(
             self,
             micro_batch_tokens=(AUTO_CUDA_MICRO_BATCH_TOKENS if cuda else 0) if self.micro_batch_tokens == "auto"
             else self.micro_batch_tokens,
-            compile_generate=cuda if self.compile_generate == "auto" else self.compile_generate,
+            compile_generate=compile_generate and decode == "generate",
+            decode=decode,
             warmup=cuda if self.warmup == "auto" else self.warmup,
             gradient_checkpointing=cuda if self.gradient_checkpointing == "auto" else self.gradient_checkpointing,
         )

@@ -161,7 +161,7 @@ class SapoLearner:
                         self.model, self.tokenizer, chunk, num_generations=cfg.num_generations,
                         max_new_tokens=new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         seed=seed if k == 0 else None, cache=self._static_cache(len(chunk) * cfg.num_generations),
-                        min_new_tokens=min_new_tokens,
+                        min_new_tokens=min_new_tokens, decode=cfg.decode,
                     )
             return out
 

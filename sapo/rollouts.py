@@ -1,4 +1,4 @@
-"""Sampling G completions for each of I prompts in one batched ``generate`` call.
+"""Sampling G completions for each of I prompts in one batch: ``generate``, or our lean loop (:mod:`sapo.decode`).
 
 Shapes: P prompts, G completions each, B = P * G sequences, Lp = longest prompt, Tn = new tokens.
 
@@ -114,6 +114,20 @@ def _cache_argument() -> str:
     return "cache" if int(transformers.__version__.split(".")[0]) >= 6 else "past_key_values"
 
 
+def choose_decode(model, decode: str, cache=None) -> str:
+    """The loop that samples: ``"lean"`` (:mod:`sapo.decode`) or ``"generate"``.
+
+    ``decode`` is ``sapo.decode``: "generate", "lean" (our loop wherever it reproduces generate exactly, else
+    generate) or "auto" (lean on a CPU, generate elsewhere). A static cache means compiled generate.
+    """
+    from sapo.decode import unsupported
+
+    device = next(model.parameters()).device
+    if cache is not None or decode == "generate" or (decode == "auto" and device.type != "cpu"):
+        return "generate"
+    return "generate" if unsupported(model) else "lean"
+
+
 @torch.no_grad()
 def sample_completions(
     model,
@@ -127,32 +141,56 @@ def sample_completions(
     seed: int | None = None,
     min_new_tokens: int | None = None,
     cache=None,
+    decode: str = "auto",
 ) -> list[list[Completion]]:
-    """G completions for each prompt, all in one ``generate`` call; returns ``[prompt][g]``.
+    """G completions for each prompt, all in one batch; returns ``[prompt][g]``.
 
+    ``decode``: "generate" (one ``generate`` call), "lean" (:func:`sapo.decode.lean_sample`: the same tokens
+    bit for bit, without generate's per-step overhead and with each prompt prefilled once) or "auto" (lean on
+    a CPU); see :func:`choose_decode`.
     ``cache``: a static KV cache from :func:`make_static_cache` for exactly P * G rows, reset and reused
-    (None: transformers' growing dynamic cache). Its shape and tensors stay the same from round to round, so
-    on CUDA transformers compiles the decoding step once (its auto-compile for static caches) and the CUDA
-    graphs recorded for it stay valid.
+    (None: transformers' growing dynamic cache); it implies generate. Its shape and tensors stay the same
+    from round to round, so on CUDA transformers compiles the decoding step once (its auto-compile for static
+    caches) and the CUDA graphs recorded for it stay valid.
     ``min_new_tokens``: never stop before that many tokens (the start-up warm-up's worst case).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
-    rows = [ids for ids in prompt_ids for _ in range(num_generations)]  # B = P * G, prompt-major
-    input_ids, attention_mask = _left_pad(rows, pad_id, device)  # (B, Lp)
     if seed is not None:
         torch.manual_seed(seed)  # also seeds every CUDA device
     # A pad token distinct from EOS is not text: never sample it (it would also confuse masks later).
     suppress = [pad_id] if pad_id != eos_id else None
+    was_training = model.training
+    model.eval()
+    try:
+        if choose_decode(model, decode, cache) == "lean":
+            from sapo.decode import lean_sample
+
+            ids, mask = _left_pad(prompt_ids, pad_id, device)  # (P, Lp): each prompt once
+            new = lean_sample(model, ids, mask, num_generations=num_generations, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, pad_id=pad_id, eos_id=eos_id, suppress=suppress,
+                              min_new_tokens=min_new_tokens)  # (B, Tn)
+        else:
+            new = _generate(model, prompt_ids, num_generations=num_generations, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, pad_id=pad_id, eos_id=eos_id, suppress=suppress,
+                            min_new_tokens=min_new_tokens, cache=cache)  # (B, Tn)
+    finally:
+        model.train(was_training)
+    return _groups_of(tokenizer, new.tolist(), len(prompt_ids), num_generations)
+
+
+def _generate(model, prompt_ids, *, num_generations, max_new_tokens, temperature, top_p, pad_id, eos_id, suppress,
+              min_new_tokens, cache) -> torch.Tensor:
+    """New tokens (B, Tn) from one ``generate`` call over the prompt-major rows."""
+    rows = [ids for ids in prompt_ids for _ in range(num_generations)]  # B = P * G, prompt-major
+    input_ids, attention_mask = _left_pad(rows, pad_id, next(model.parameters()).device)  # (B, Lp)
     extra = {}
     if cache is not None:
         cache.reset()
         extra[_cache_argument()] = cache
     if min_new_tokens:
         extra["min_new_tokens"] = min_new_tokens
-    was_training = model.training
-    model.eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         out = model.generate(
@@ -168,8 +206,7 @@ def sample_completions(
             suppress_tokens=suppress,
             **extra,
         )  # (B, Lp + Tn)
-    model.train(was_training)
-    return _groups_of(tokenizer, out[:, input_ids.shape[1]:].tolist(), len(prompt_ids), num_generations)
+    return out[:, input_ids.shape[1]:]
 
 
 def _groups_of(tokenizer, new_tokens: list[list[int]], prompts: int, num_generations: int) -> list[list[Completion]]:

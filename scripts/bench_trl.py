@@ -12,6 +12,10 @@ then train on seeded random rewards (a random model scores almost only zeros, wh
 loss zero and the learner skip its step), so both always do the full forward/backward/step. A TRL step
 includes its generation, reward and loss/backward/step, like our round. Seconds per round/step are the
 median after the first (warm-up) one.
+
+The two sides alternate: after each TRL step (timed from its on_step_begin to its on_step_end) a callback
+runs our round of the same index (its own RNG state forked off, so TRL samples as if alone), so a busy
+machine slows both sides alike instead of whichever ran during the noise.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--tasks", default="toy_copy,basic_arithmetic")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
+    p.add_argument("--decode", choices=("auto", "generate", "lean"), default="auto",
+                   help="our sampling loop (sapo.decode; auto = the worker's default for the CPU)")
     return p.parse_args(argv)
 
 
@@ -63,27 +69,27 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     config = SapoConfig(num_train_samples=args.I, num_transplant_trees=0, num_generations=args.G,
-                        max_new_tokens=args.max_new_tokens, learning_rate=1e-4,
+                        max_new_tokens=args.max_new_tokens, learning_rate=1e-4, decode=args.decode,
                         tasks=tuple(TaskSpec(n) for n in args.tasks.split(",")))
 
-    # --- ours: the worker's round without the exchange ------------------------------------------------
+    # --- ours: the worker's round without the exchange, run between TRL's steps ---------------------
     learner = SapoLearner(*build_tiny_gpt2(seed=42), config, experiment_seed=42)
+    questions_by_round = [learner.sample_questions("worker_1", r) for r in range(args.rounds)]
     ours, phases = [], {"generate": [], "score": [], "train": []}
-    questions_by_round = []
-    rng = random.Random(0)
-    for r in range(args.rounds):
-        questions = learner.sample_questions("worker_1", r)
-        questions_by_round.append(questions)
+    ours_rng, trl_rng = random.Random(0), random.Random(1)
+
+    def our_round(r: int) -> None:
         t0 = time.perf_counter()
-        groups, gen = learner.generate(questions, seed=r)
+        groups, gen = learner.generate(questions_by_round[r], seed=r)
         for g in groups:  # random rewards, as TRL gets below: every step trains on the whole batch
-            g.rewards = [rng.random() for _ in g.rewards]
+            g.rewards = [ours_rng.random() for _ in g.rewards]
         stats = learner.train(groups)
         assert stats.optimizer_steps == 1
         ours.append(time.perf_counter() - t0)
         phases["generate"].append(gen.generate_s)
         phases["score"].append(gen.score_s)
         phases["train"].append(stats.seconds)
+
     bank = learner.bank
 
     # --- TRL: GRPOTrainer on the same prompts -------------------------------------------------------
@@ -98,9 +104,11 @@ def main(argv=None) -> int:
         # Score for real (the cost is part of a step), then train on seeded random rewards: a random
         # model scores almost only zeros, which would make TRL's loss zero and ours skip its step.
         [bank.score(by_prompt[p], c, config.format_reward) for p, c in zip(prompts, completions)]
-        return [rng.random() for _ in completions]
+        return [trl_rng.random() for _ in completions]
 
-    class Timer(TrainerCallback):
+    class Alternate(TrainerCallback):
+        """Times each TRL step, then runs our round of the same index outside TRL's timed window."""
+
         def __init__(self):
             self.times, self.t0 = [], None
 
@@ -109,9 +117,11 @@ def main(argv=None) -> int:
 
         def on_step_end(self, *_a, **_k):
             self.times.append(time.perf_counter() - self.t0)
+            with torch.random.fork_rng(devices=[]):  # our seeding must not change what TRL samples next
+                our_round(len(self.times) - 1)
 
     model, tokenizer = build_tiny_gpt2(seed=42)
-    timer = Timer()
+    timer = Alternate()
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         trl_args = GRPOConfig(
             output_dir=tmp, per_device_train_batch_size=args.I * args.G, num_generations=args.G,
@@ -125,11 +135,13 @@ def main(argv=None) -> int:
                               train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), callbacks=[timer])
         trainer.train()
     trl_times = timer.times
+    assert len(ours) == len(trl_times) == args.rounds, (len(ours), len(trl_times))
 
     med = lambda xs: statistics.median(xs[1:]) if len(xs) > 1 else float("nan")  # noqa: E731
     print(f"bench_trl: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}, trl {trl.__version__}; builtin:tiny-gpt2, I={args.I} "
-          f"G={args.G}, {args.max_new_tokens} new tokens, {args.rounds} rounds (median after the first)")
+          f"G={args.G}, {args.max_new_tokens} new tokens, {args.rounds} rounds (median after the first), "
+          f"our decode loop {learner.config.decode}")
     print(f"{'':<34}{'SapoLearner round':>18}{'GRPOTrainer step':>18}")
     print(f"{'s per round / step':<34}{med(ours):>18.4f}{med(trl_times):>18.4f}")
     print(f"{'ratio (ours / TRL)':<34}{med(ours) / med(trl_times):>18.2f}x")

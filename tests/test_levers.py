@@ -58,6 +58,25 @@ def test_gpu_levers_are_on_for_cuda_and_off_for_a_cpu_by_default():
     assert (explicit.compile_generate, explicit.micro_batch_tokens) == (False, 512)
 
 
+def test_decode_loop_is_lean_on_a_cpu_and_generate_on_cuda_by_default():
+    cfg = resolve_config(CONFIG, environ={}).sapo
+    assert cfg.decode == "auto"
+    assert (cfg.resolved("cpu").decode, cfg.resolved("cuda").decode) == ("lean", "generate")
+    compiled = resolve_config(CONFIG, environ={}, overrides=["sapo.compile_generate=true"]).sapo
+    assert (compiled.resolved("cpu").decode, compiled.resolved("cpu").compile_generate) == ("generate", True)
+    lean = resolve_config(CONFIG, environ={}, overrides=["sapo.decode=lean"]).sapo.resolved("cuda")
+    assert (lean.decode, lean.compile_generate) == ("lean", False)  # lean never runs inside generate
+    plain = resolve_config(CONFIG, environ={}, overrides=["sapo.decode=generate"]).sapo.resolved("cpu")
+    assert (plain.decode, plain.compile_generate) == ("generate", False)
+
+
+def test_decode_rejects_lean_with_compiled_generate_and_unknown_loops():
+    with pytest.raises(ConfigError, match="decode=lean cannot go with compile_generate=true"):
+        resolve_config(CONFIG, environ={}, overrides=["sapo.decode=lean", "sapo.compile_generate=true"])
+    with pytest.raises(ConfigError, match="sapo.decode: must be one of auto, generate, lean"):
+        resolve_config(CONFIG, environ={}, overrides=["sapo.decode=fast"])
+
+
 @pytest.mark.parametrize("value", ["-1", "lots", "true"])
 def test_micro_batch_tokens_rejects_other_values(value):
     with pytest.raises(ConfigError, match="sapo.micro_batch_tokens"):
