@@ -52,6 +52,8 @@ def _builtin_known(name: str) -> str:
 
 AutoFraction = Annotated[Union[Literal["auto"], Annotated[float, Field(strict=True, gt=0.0, le=1.0)]],
                          one_message("'auto' or a number in (0, 1]")]
+AutoSeconds = Annotated[Union[Literal["auto"], Annotated[Float, Field(gt=0.0)]],
+                        one_message("'auto' or a number of seconds > 0")]
 _GPU_NAME = r"^([0-9]+|(GPU|MIG)-[0-9A-Za-z][0-9A-Za-z/-]*)$"  # an index as text, or a UUID from nvidia-smi -L
 GpuChoice = Annotated[Union[Literal["auto"], Annotated[int, Field(strict=True, ge=0)],
                             Annotated[str, Field(strict=True, pattern=_GPU_NAME)]],
@@ -100,7 +102,11 @@ class CoordinatorSection:
                                     "(env COORDINATOR_ROUND_INTERVAL)")
     round_timeout_s: Float = Field(1800.0, gt=0.0, description="hybrid: advance after this long even if some "
                                    "worker is missing")
-    poll_interval_s: Float = Field(1.0, gt=0.0, description="how often the coordinator looks at submissions")
+    poll_interval_s: AutoSeconds = Field(
+        "auto", description="the longest a node waits before looking again at what it waits for (results, the "
+        "state, peers' rollouts); file events wake it sooner on this host. auto = 1.0 s on local disk (events do "
+        "the work), 0.5 s on a network or FUSE mount (other hosts' writes are seen only by polling), 0.1 s with "
+        "events off (SWARM_NO_INOTIFY); see node/mounts.py")
 
 
 @section

@@ -35,6 +35,7 @@ from node.heartbeat import Heartbeat
 from node.layout import ExperimentLayout, parse_round_dir
 from node.liveness import PeerTracker
 from node.logs import bind
+from node.mounts import poll_interval
 from node.plausible import state_problem
 from node.retention import apply_retention
 from node.round_switch import PendingSwitch
@@ -80,6 +81,7 @@ class Coordinator:
         self._results: dict[int, dict[str, RoundResult]] = {}  # valid results seen, per round and worker
         self._switch: PendingSwitch | None = None
         self.wakeup = Wakeup(enabled=not events_disabled())  # ticks wake when a result lands, not at the poll
+        self.poll_s = poll_interval(config)
 
     # --- state file ---------------------------------------------------------------------------------
     def load_state(self) -> RoundState | None:
@@ -129,7 +131,7 @@ class Coordinator:
             except OSError as err:
                 log.warning("state_unreachable", error=str(err))
                 self.heartbeat.progress("state_unreachable")
-                self.stop.sleep(self.config.coordinator.poll_interval_s * 5)
+                self.stop.sleep(self.poll_s * 5)
 
     def _read_local_state(self) -> RoundState | None:
         if self.local_state is None:
@@ -168,7 +170,7 @@ class Coordinator:
             except OSError as err:
                 log.warning("state_write_failed", error=str(err))
                 self.heartbeat.progress("state_write_failed")
-                self.stop.sleep(self.config.coordinator.poll_interval_s * 5)
+                self.stop.sleep(self.poll_s * 5)
         self._written = (state, _file_signature(self.store.lstat(self.layout.state_file())))
         if self.local_state is not None:
             try:
@@ -272,7 +274,7 @@ class Coordinator:
                     break
                 self.heartbeat.progress("waiting_for_workers", round_=state.round)
                 self.peer.update(round_=state.round, status="running")
-                self.stop.sleep(cfg.coordinator.poll_interval_s)
+                self.stop.sleep(self.poll_s)
         now = self.clock()
         state = replace(state, started_at=now, updated_at=now)
         self.write_state(state)
@@ -293,7 +295,7 @@ class Coordinator:
                                   updated_at=now, finished=False, max_rounds=cfg.experiment.max_rounds)
             self.heartbeat.progress("waiting_for_workers")
             self.peer.update(round_=0, status="starting")
-            self.stop.sleep(cfg.coordinator.poll_interval_s)
+            self.stop.sleep(self.poll_s)
 
     def wait_for_results(self, round_: int) -> None:
         """Until a known worker's result for ``round_`` lands (an event), or one poll interval."""
@@ -304,7 +306,7 @@ class Coordinator:
             pass  # the mount is away or the path is hostile: polling still works
         self.wakeup.watch([results])
         expected = {f"{w}.json" for w in self.peers.known_workers(scan=False)}
-        self.stop.wait_for(self.wakeup, self.config.coordinator.poll_interval_s, wanted=expected.__contains__)
+        self.stop.wait_for(self.wakeup, self.poll_s, wanted=expected.__contains__)
 
     def _follow_switch(self, live: dict, now: float) -> None:
         """Note which workers started the round the last advance began; log the switch once all did (or

@@ -76,3 +76,14 @@ def shared_dir_kind(path: str) -> str:
 def default_poll_interval(kind: str, events: bool) -> float:
     """The poll interval for a shared dir of ``kind`` (see the module table)."""
     return POLL_S[(kind, bool(events))]
+
+
+def poll_interval(config) -> float:
+    """``coordinator.poll_interval_s`` of an experiment config, ``auto`` decided for its shared dir and for
+    whether file events are on (``SWARM_NO_INOTIFY``)."""
+    configured = config.coordinator.poll_interval_s
+    if configured != "auto":
+        return float(configured)
+    from node.wakeup import events_available
+
+    return default_poll_interval(shared_dir_kind(str(config.experiment_dir)), events_available())

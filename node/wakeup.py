@@ -158,6 +158,11 @@ class Wakeup:
             self._watches.clear()
 
 
+def events_available() -> bool:
+    """inotify can be used here and is not turned off."""
+    return inotify_simple is not None and not events_disabled()
+
+
 def events_disabled() -> bool:
     """``SWARM_NO_INOTIFY=1`` turns events off (every wait polls): for mounts that deliver events late or
     wrongly, and for tests of the fallback."""

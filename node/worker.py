@@ -26,6 +26,7 @@ from node.exchange import STAGE, Publisher, fetch_shared_groups, peer_files_pres
 from node.heartbeat import Heartbeat
 from node.layout import ExperimentLayout
 from node.logs import bind
+from node.mounts import poll_interval
 from node.records import RunRecords
 from node.liveness import PeerTracker
 from node.wakeup import Wakeup, events_disabled
@@ -61,6 +62,7 @@ class Worker:
         self._refused_state: str | None = None
         self._rejected_seen = dict(store.rejected)
         self.wakeup = Wakeup(enabled=not events_disabled())  # waits end when the file lands, not at the poll
+        self.poll_s = poll_interval(config)
 
     # --- start and stop -----------------------------------------------------------------------------
     def resume(self) -> None:
@@ -164,7 +166,7 @@ class Worker:
 
     def wait_for_round(self) -> RoundState:
         """Block until the coordinator's round is one we have not trained yet, or the run is over."""
-        poll = self.config.coordinator.poll_interval_s
+        poll = self.poll_s  # file events end the wait sooner
         state_file = self.layout.state_file()
         while True:
             self.stop.check()
@@ -269,7 +271,7 @@ class Worker:
             self.heartbeat.progress("waiting_for_peers", round_=round_)
             self.peer.update(round_=round_, status="running")
             waiting_for = {f"{peer}.json" for peer in live - present} | {state_file.name}
-            self.stop.wait_for(self.wakeup, min(0.25, cfg.coordinator.poll_interval_s), wanted=waiting_for.__contains__)
+            self.stop.wait_for(self.wakeup, min(0.25, self.poll_s), wanted=waiting_for.__contains__)
         log.info("peer_wait_timed_out", round=round_)
 
 

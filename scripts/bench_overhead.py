@@ -305,7 +305,7 @@ def run_swarm(args, workers: int, poll: float | None) -> Side:
             proc.terminate()
         proc.wait()
     end_wall = time.time()
-    label = f"swarm (poll {poll if poll is not None else args.config_poll:g} s)"
+    label = f"swarm (poll {poll if poll is not None else args.config_poll} s)"
     metrics = read_metrics(tmp / "shared" / "experiments" / "bench-overhead")
     side = swarm_side(label, metrics, launch_wall=launch_wall, end_wall=end_wall, skip_rounds=args.skip_rounds)
     side.cpu_per_round_s = cpu_per_round(metrics, cpu_samples, args.skip_rounds)
