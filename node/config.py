@@ -180,6 +180,36 @@ class SupervisorSection:
 
 
 @section
+class EvalSection:
+    """Held-out evaluation: pass@1 with greedy decoding on a fixed question set per task, identical for every
+    worker and disjoint from training (its questions come from seeds training never draws)."""
+
+    every_rounds: Int = Field(0, ge=0, description="evaluate every K rounds and at the end; 0 = off")
+    questions_per_task: Int = Field(16, ge=1, le=10_000, description="held-out questions per task of the mix")
+    seed: Int = Field(1_000_003, ge=0, description="the held-out set's seed (training seeds are derived from "
+                      "experiment.seed and never use this stream)")
+    max_new_tokens: Int = Field(0, ge=0, description="tokens per answer; 0 = sapo.max_new_tokens")
+    time_budget_s: Float = Field(60.0, gt=0.0, description="an eval stops after this long (the rest is counted as "
+                                 "not evaluated), so a round is never stalled by it")
+
+
+REPORT_TO = ("tensorboard", "wandb")
+
+
+@section
+class TrackingSection:
+    """Experiment trackers, fed by the supervisor from the metrics files (the nodes never wait for them)."""
+
+    report_to: tuple[choice(*REPORT_TO), ...] = Field(
+        (), description="trackers every metrics and eval line (per node, per round) is streamed to, like TRL's "
+        "report_to: tensorboard, wandb; optional extras: pip install -e '.[tensorboard]' / '.[wandb]'")
+    wandb_project: Str = Field("sapo-swarm", description="the W&B project")
+    wandb_mode: choice("offline", "online") = Field(
+        "offline", description="offline (default): a run dir under the experiment, `wandb sync` it later; online "
+        "needs network and WANDB_API_KEY")
+
+
+@section
 class ExperimentConfig:
     """A whole experiment: every section, each with defaults."""
 
@@ -190,6 +220,8 @@ class ExperimentConfig:
     exchange: ExchangeSection = Field(default_factory=ExchangeSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @property
     def experiment_dir(self) -> Path:
