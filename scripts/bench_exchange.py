@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark one round of the rollout exchange on local disk.
+"""Benchmark one round of the rollout exchange on local disk, and what signing it costs.
 
 Simulates P peers in a temporary experiment directory. Each round, the P-1 other peers' rollout files
 are put in place (not timed), then one node does what a worker does per round and the clock runs:
@@ -8,7 +8,12 @@ peer file and validate it against the schema (size cap, strict JSON, types, path
 Prints the median (and p90) milliseconds per round for each peer count, split into our publish (atomic
 write + fsync: independent of the peer count) and fetch + validate (grows with it). Goal: < 20 ms for 4 peers.
 
-    python scripts/bench_exchange.py                 # 4, 8, 16, 32 and 64 peers, 20 rounds
+Then the signatures (HMAC-SHA256 over each file, docs/RELIABILITY.md, threat model) at ``--sign-peers``
+peers (64 by default): the same exchange without a key and with one, rounds interleaved in one run, side by
+side; and the signature work alone (signing our file + verifying every peer file, timed on the same bytes),
+as a percentage of the exchange without a key. Goal: < 5 %.
+
+    python scripts/bench_exchange.py                 # 4, 8, 16, 32 and 64 peers, 20 rounds; signing at 64
     python scripts/bench_exchange.py --peers 4 16 64 --rounds 50 --dir /mnt/drive/tmp
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import secrets
 import statistics
 import sys
 import tempfile
@@ -26,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.layout import ExperimentLayout  # noqa: E402
 from node.schemas import Rollout, RolloutFile, TaskRef  # noqa: E402
+from node.signing import Signer  # noqa: E402
 from node.storage import SharedStore, encode_json  # noqa: E402
+
+SIGNING_GOAL_PCT = 5.0  # signing + verifying, in % of the exchange without a key
 
 
 def make_file(peer: str, rnd: int, groups: int, completions: int, rng: random.Random) -> RolloutFile:
@@ -43,33 +52,93 @@ def make_file(peer: str, rnd: int, groups: int, completions: int, rng: random.Ra
     return RolloutFile(peer_id=peer, round=rnd, stage=0, timestamp=time.time(), rollouts=rollouts)
 
 
-def bench(peers: int, rounds: int, groups: int, completions: int, base: Path) -> tuple[list[float], list[float]]:
-    """Milliseconds per round: (publish + fetch + validate, publish alone)."""
-    rng = random.Random(peers)
-    layout = ExperimentLayout.for_experiment(base / f"p{peers}", "bench")
-    layout.ensure_dirs()
-    me = "worker_0"
-    store = SharedStore(layout, node_id=me, lock_dir=base / "locks", spool_dir=base / f"spool{peers}")
-    others = [f"worker_{i}" for i in range(1, peers)]
-    times, publish = [], []
-    for r in range(rounds):
-        d = layout.rollouts_dir(r, 0)
-        d.mkdir(parents=True, exist_ok=True)
-        for peer in others:  # the peers' files already exist (not timed)
-            (d / f"{peer}.json").write_bytes(encode_json(make_file(peer, r, groups, completions, rng).to_json()))
-        mine = make_file(me, r, groups, completions, rng).to_json()
+class Exchange:
+    """One node's view of a simulated experiment with ``peers`` peers, signed with ``key`` (None: unsigned)."""
 
+    def __init__(self, base: Path, peers: int, groups: int, completions: int, key: bytes | None, tag: str = ""):
+        self.rng = random.Random(peers)
+        self.layout = ExperimentLayout.for_experiment(base / f"p{peers}{tag}", "bench")
+        self.layout.ensure_dirs()
+        self.me = "worker_0"
+        self.store = SharedStore(self.layout, node_id=self.me, lock_dir=base / "locks", spool_dir=base / f"spool{peers}{tag}",
+                                 signer=Signer(key))
+        self.others = [f"worker_{i}" for i in range(1, peers)]
+        self.groups, self.completions, self.peers = groups, completions, peers
+
+    def prepare(self, r: int) -> dict:
+        """The peers' files of round ``r`` in place (signed as they would sign them); our file's content."""
+        d = self.layout.rollouts_dir(r, 0)
+        d.mkdir(parents=True, exist_ok=True)
+        for peer in self.others:
+            path = self.layout.rollout_file(r, 0, peer)
+            path.write_bytes(self.store.encode_signed(path, make_file(peer, r, self.groups, self.completions,
+                                                                      self.rng).to_json()))
+        return make_file(self.me, r, self.groups, self.completions, self.rng).to_json()
+
+    def round(self, r: int, mine: dict) -> tuple[float, float]:
+        """One timed round: (ms for publish + fetch + validate, ms for the publish alone)."""
         t0 = time.perf_counter()
-        assert store.publish(layout.rollout_file(r, 0, me), mine)
-        publish.append((time.perf_counter() - t0) * 1000.0)
+        assert self.store.publish(self.layout.rollout_file(r, 0, self.me), mine)
+        publish = (time.perf_counter() - t0) * 1000.0
         got = []
-        for path in store.list_json(d):
-            rf = store.read_as(path, RolloutFile.from_json, expect_round=r, expect_stage=0, expect_node=path.stem)
+        d = self.layout.rollouts_dir(r, 0)
+        for path in self.store.list_json(d):
+            rf = self.store.read_as(path, RolloutFile.from_json, expect_round=r, expect_stage=0, expect_node=path.stem)
             if rf is not None:
                 got.append(rf)
-        times.append((time.perf_counter() - t0) * 1000.0)
-        assert len(got) == peers, f"round {r}: {len(got)} of {peers} files validated"
+        total = (time.perf_counter() - t0) * 1000.0
+        assert len(got) == self.peers, f"round {r}: {len(got)} of {self.peers} files validated"
+        return total, publish
+
+    def signature_ms(self, r: int, mine: dict) -> tuple[float, float]:
+        """The signature work of round ``r`` alone, on the bytes the exchange just read: (ms to sign our file
+        and verify every file of the round, ms to compute their paths' contexts). The contexts are computed
+        with or without a key (SharedStore.verified always asks for one), so only the first is overhead."""
+        paths = [self.layout.rollout_file(r, 0, p) for p in (self.me, *self.others)]
+        data = [p.read_bytes() for p in paths]
+        body = encode_json(mine)
+        t0 = time.perf_counter()
+        contexts = [self.store.context(p) for p in paths]
+        t1 = time.perf_counter()
+        self.store.signer.sign(body, contexts[0])
+        for context, raw in zip(contexts, data):
+            self.store.signer.verify(raw, context)
+        t2 = time.perf_counter()
+        return (t2 - t1) * 1000.0, (t1 - t0) * 1000.0
+
+
+def bench(peers: int, rounds: int, groups: int, completions: int, base: Path) -> tuple[list[float], list[float]]:
+    """Milliseconds per round: (publish + fetch + validate, publish alone)."""
+    ex = Exchange(base, peers, groups, completions, None)
+    times, publish = [], []
+    for r in range(rounds):
+        total, pub = ex.round(r, ex.prepare(r))
+        times.append(total)
+        publish.append(pub)
     return times, publish
+
+
+def bench_signing(peers: int, rounds: int, groups: int, completions: int, base: Path) -> dict[str, float]:
+    """The exchange without and with a key, rounds interleaved in pairs (so both see the same machine load),
+    and the signature work alone. Medians in ms; the overheads in % of the exchange without a key (the
+    side-by-side one from the paired differences, which cancel most of a busy machine's drift)."""
+    plain = Exchange(base, peers, groups, completions, None, "-plain")
+    signed = Exchange(base, peers, groups, completions, secrets.token_bytes(32), "-signed")
+    plain_ms, signed_ms, crypto_ms, context_ms = [], [], [], []
+    for r in range(rounds):
+        for ex in (plain, signed) if r % 2 == 0 else (signed, plain):
+            mine = ex.prepare(r)
+            (signed_ms if ex is signed else plain_ms).append(ex.round(r, mine)[0])
+            if ex is signed:
+                crypto, context = signed.signature_ms(r, mine)
+                crypto_ms.append(crypto)
+                context_ms.append(context)
+    base_ms = statistics.median(plain_ms)
+    paired = statistics.median(b - a for a, b in zip(plain_ms, signed_ms))
+    crypto = statistics.median(crypto_ms)
+    return {"without_key_ms": base_ms, "with_key_ms": statistics.median(signed_ms),
+            "difference_pct": 100.0 * paired / base_ms, "signature_ms": crypto,
+            "signature_pct": 100.0 * crypto / base_ms, "context_ms": statistics.median(context_ms)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", type=int, default=2, help="I: question groups per file (default 2)")
     ap.add_argument("--completions", type=int, default=4, help="G: completions per group (default 4)")
     ap.add_argument("--dir", type=Path, default=None, help="where to put the experiment (default: a temp dir)")
+    ap.add_argument("--sign-peers", type=int, default=64,
+                    help="peer count of the signing comparison (default 64; 0: skip it)")
     args = ap.parse_args(argv)
-    if min(args.peers) < 1 or args.rounds < 1:
-        ap.error("--peers and --rounds must be >= 1")
+    if min(args.peers) < 1 or args.rounds < 1 or args.sign_peers < 0:
+        ap.error("--peers and --rounds must be >= 1, --sign-peers >= 0")
     with tempfile.TemporaryDirectory(prefix="bench_exchange_", dir=args.dir) as tmp:
         print(f"{'peers':>6} {'ms/round (median)':>18} {'p90':>8} {'publish':>8} {'fetch+validate':>15} "
               f"{'ms/peer file':>13}   (I={args.groups}, G={args.completions}, {args.rounds} rounds, {tmp})")
@@ -95,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
             pub = statistics.median(publish)
             fetch = statistics.median(t - q for t, q in zip(times, publish))
             print(f"{p:>6} {med:>18.2f} {p90:>8.2f} {pub:>8.2f} {fetch:>15.2f} {fetch / p:>13.3f}")
+        if args.sign_peers:
+            rounds = max(args.rounds, 2)
+            sig = bench_signing(args.sign_peers, rounds, args.groups, args.completions, Path(tmp))
+            verdict = "OK" if sig["signature_pct"] < SIGNING_GOAL_PCT else "OVER"
+            print(f"\nsigning at {args.sign_peers} peers ({rounds} rounds, the two interleaved; median ms/round): "
+                  f"without a key {sig['without_key_ms']:.2f}, with a key {sig['with_key_ms']:.2f} "
+                  f"(paired difference {sig['difference_pct']:+.1f} %)")
+            print(f"signature work alone (HMAC-SHA256: sign ours + verify {args.sign_peers} files): "
+                  f"{sig['signature_ms']:.3f} ms = {sig['signature_pct']:.2f} % of the exchange (goal < "
+                  f"{SIGNING_GOAL_PCT:g} %: {verdict}); the files' path contexts {sig['context_ms']:.3f} ms more, "
+                  f"computed with or without a key")
     return 0
 
 

@@ -382,3 +382,34 @@ def test_bench_trl_runs_when_trl_is_installed():
                          cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "ratio (ours / TRL)" in out.stdout
+
+
+def test_bench_exchange_prints_the_exchange_and_the_cost_of_signing(capsys):
+    """The exchange table, then the signing comparison: without/with a key side by side, the signature work
+    alone as a % of the exchange against the 5 % goal (tiny sizes: the plumbing, not the figures)."""
+    bench_exchange = _load("bench_exchange")
+    assert bench_exchange.main(["--peers", "2", "3", "--rounds", "2", "--sign-peers", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["2", "3"] and all(float(x) > 0 for r in rows for x in r[1:])
+    m = re.search(r"signing at 4 peers .*without a key ([0-9.]+), with a key ([0-9.]+) \(paired difference "
+                  r"[-+][0-9.]+ %\)", out)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+    m = re.search(r"verify 4 files\): ([0-9.]+) ms = ([0-9.]+) % of the exchange \(goal < 5 %: (OK|OVER)\)", out)
+    assert m and float(m.group(1)) > 0, out
+
+
+def test_bench_exchange_signed_files_verify_and_unsigned_ones_are_refused(tmp_path):
+    """The signed side of the comparison really signs: its peers' files verify with its key, and a store
+    with that key refuses the unsigned side's files."""
+    bench_exchange = _load("bench_exchange")
+    signed = bench_exchange.Exchange(tmp_path, 3, 1, 2, b"k" * 32, "-signed")
+    plain = bench_exchange.Exchange(tmp_path, 3, 1, 2, None, "-plain")
+    signed.round(0, signed.prepare(0))
+    plain.prepare(0)
+    crypto_ms, context_ms = signed.signature_ms(0, bench_exchange.make_file("worker_0", 0, 1, 2, signed.rng).to_json())
+    assert crypto_ms > 0 and context_ms > 0  # every file of the round verified (SignatureError otherwise)
+    path = signed.layout.rollout_file(0, 0, "worker_1")
+    assert signed.store.read_as(path, lambda obj: obj)["peer_id"] == "worker_1"
+    path.write_bytes(plain.layout.rollout_file(0, 0, "worker_1").read_bytes())
+    assert signed.store.read_as(path, lambda obj: obj) is None and signed.store.rejected["unsigned"] == 1
