@@ -175,6 +175,7 @@ def main(argv=None) -> int:
         log.exception("node_crashed")
         raise
     finally:
+        store.sync(timeout=10)  # writes made visible early (durable="later") are on disk before we exit
         heartbeat.stop()
 
 

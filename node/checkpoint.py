@@ -161,6 +161,7 @@ def save_checkpoint(store: SharedStore, layout: ExperimentLayout, node_id: str, 
     Returns False when the shared directory refused it (the previous checkpoints and the index are intact
     and the error is logged); training goes on and the next checkpoint tries again.
     """
+    store.sync(timeout=30)  # the results and metrics the checkpoint covers are durable before it is
     payload = {
         "version": CHECKPOINT_VERSION,
         "node_id": node_id,

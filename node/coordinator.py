@@ -165,7 +165,8 @@ class Coordinator:
         copy (best effort: it only matters if the shared one is later lost or forged)."""
         while True:
             try:
-                self.store.write_json_atomic(self.layout.state_file(), state.to_json(), retries=True)
+                # visible at once, fsynced just after (node.bgsync): every worker is waiting for it
+                self.store.write_json_atomic(self.layout.state_file(), state.to_json(), retries=True, durable="later")
                 break
             except OSError as err:
                 log.warning("state_write_failed", error=str(err))
@@ -321,7 +322,7 @@ class Coordinator:
             log.info("round_switch", **line)
             try:
                 self.store.append_jsonl(self.layout.round_switch_file(self.node_id),
-                                        {"node_id": self.node_id, "timestamp": now, **line})
+                                        {"node_id": self.node_id, "timestamp": now, **line}, durable="later")
             except OSError as err:
                 log.warning("round_switch_write_failed", error=str(err))
             self._switch = None

@@ -72,9 +72,12 @@ class Publisher:
         if self.frequency == "generation":
             ok = True
             for k in range(1, len(groups) + 1):  # the file grows one group at a time
-                ok = self.store.publish(path, rollout_file_for(groups[:k], node_id=self.node_id, round_=round_).to_json()) and ok
+                ok = self.store.publish(path, rollout_file_for(groups[:k], node_id=self.node_id, round_=round_).to_json(),
+                                        durable="later") and ok
             return ok
-        return self.store.publish(path, rollout_file_for(groups, node_id=self.node_id, round_=round_).to_json())
+        # visible now, fsynced just after (node.bgsync): peers are waiting for it
+        return self.store.publish(path, rollout_file_for(groups, node_id=self.node_id, round_=round_).to_json(),
+                                  durable="later")
 
 
 def peer_files_present(store: SharedStore, layout: ExperimentLayout, round_: int, peers: Iterable[str]) -> set[str]:

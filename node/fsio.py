@@ -162,8 +162,8 @@ def write_atomic(path: Path | str, data: bytes, *, fs: Any = REAL_FS, durable: b
 
 
 def append_bytes(path: Path | str, data: bytes, *, fs: Any = REAL_FS,
-                 quarantine_dir: Path | str | None = None) -> None:
-    """Append ``data`` (``O_APPEND``, every byte, fsync; the parent is created). On failure the file is
+                 quarantine_dir: Path | str | None = None, durable: bool = True) -> None:
+    """Append ``data`` (``O_APPEND``, every byte, fsync unless not ``durable``; the parent is created). On failure the file is
     cut back to its old length (best effort), so a retry does not leave half a line behind. Two writers
     must hold a lock: the cut-back assumes nobody appended meanwhile.
 
@@ -178,7 +178,7 @@ def append_bytes(path: Path | str, data: bytes, *, fs: Any = REAL_FS,
     fd, start = _own_path(fs, p, quarantine_dir, lambda: _open_for_append(fs, p))
     try:
         try:
-            _write_all(fs, fd, data, p, fsync=True)
+            _write_all(fs, fd, data, p, fsync=durable)
         except BaseException:
             try:
                 fs.ftruncate(fd, start)

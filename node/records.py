@@ -34,14 +34,14 @@ class RunRecords:
             log.info("metrics_already_recorded", round=round_)
             return False
         line = {"node_id": self.node_id, "round": round_, "timestamp": time.time(), **fields}
-        self.store.append_jsonl(self.metrics_path, line)
+        self.store.append_jsonl(self.metrics_path, line, durable="later")
         self.recorded_rounds.add(round_)
         return True
 
     def event(self, name: str, **fields) -> None:
         """Append one training event (start, resume, rounds skipped, checkpoint, stop, finish...)."""
         self.store.append_jsonl(self.events_path, {"node_id": self.node_id, "event": name,
-                                                   "timestamp": time.time(), **fields})
+                                                   "timestamp": time.time(), **fields}, durable="later")
 
 
 def recorded_rounds(store: SharedStore, path, node_id: str) -> set[int]:

@@ -145,7 +145,8 @@ class PeerRegistration:
                             started_at=self.started_at, heartbeat_at=now, round=max(round_, 0),
                             progress=self.progress, status=status)
         try:
-            self.store.write_json_atomic(self.path, record.to_json())
+            # not durable: rewritten every interval, and one lost in a power cut is harmless
+            self.store.write_json_atomic(self.path, record.to_json(), durable=False)
             self.last_write = now
         except OSError as err:
             log.warning("peer_record_write_failed", error=str(err))

@@ -29,12 +29,13 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar, Union
 
 import filelock
 import structlog
 
 from node import fdtree, fsio
+from node.bgsync import BackgroundSync
 from node.config import plain_name_problem
 from node.confine import Confinement
 from node.fsio import BadFile, RealFS
@@ -49,6 +50,8 @@ from node.warn_once import WarnOnce
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+LATER = "later"
+Durability = Union[bool, Literal["later"]]
 
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 
@@ -110,6 +113,7 @@ class SharedStore:
         # Something planted at one of our own paths (a FIFO, a directory, a hard link) is moved here.
         self.quarantine_dir = self.layout.quarantine_dir()
         self.fs = fs if fs is not None else RealFS()
+        self._bg = BackgroundSync(self.fs)  # fsyncs durable="later" writes off the critical path
         self._retry = RetryPolicy(attempts=retry_attempts, base_delay=retry_base_delay, max_delay=retry_max_delay,
                                   sleep=sleep, rng=rng if rng is not None else random.Random())
         self._warn = WarnOnce()
@@ -150,38 +154,54 @@ class SharedStore:
         self.layout.ensure_dirs(self.makedirs)
 
     # -- writes ---------------------------------------------------------------------------------------
-    def write_json_atomic(self, path: Path | str, obj: Any, *, retries: bool = False) -> None:
+    def write_json_atomic(self, path: Path | str, obj: Any, *, retries: bool = False,
+                          durable: Durability = True) -> None:
         """Write ``obj`` (a JSON object) as strict, signed JSON, atomically (no spool: see :meth:`publish`)."""
-        self.write_bytes_atomic(path, self.encode_signed(path, obj), retries=retries)
+        self.write_bytes_atomic(path, self.encode_signed(path, obj), retries=retries, durable=durable)
 
-    def write_bytes_atomic(self, path: Path | str, data: bytes, *, retries: bool = False) -> None:
+    def write_bytes_atomic(self, path: Path | str, data: bytes, *, retries: bool = False,
+                           durable: Durability = True) -> None:
         """:func:`node.fsio.write_atomic` inside the experiment (anything but a regular file at ``path`` is
         moved to the quarantine dir first, with one warning): on any failure the old content (if any) is
         intact. With ``retries`` transient errors are retried (the whole sequence, with backoff); else they
-        propagate."""
+        propagate. ``durable``: True = fsynced before returning; ``"later"`` = visible now, fsynced by
+        the background syncer moments later (:meth:`sync` waits for it); False = never explicitly."""
         if retries:
-            self._retry(lambda: self.write_bytes_atomic(path, data), "write")
+            self._retry(lambda: self.write_bytes_atomic(path, data, durable=durable), "write")
             return
-        fsio.write_atomic(self._confine.check_writable(path), data, fs=self.fs, quarantine_dir=self.quarantine_dir)
+        p = self._confine.check_writable(path)
+        fsio.write_atomic(p, data, fs=self.fs, quarantine_dir=self.quarantine_dir, durable=durable is True)
+        if durable == LATER:
+            self._bg.add(p)
 
-    def publish(self, path: Path | str, obj: Any) -> bool:
+    def sync(self, timeout: float | None = None) -> bool:
+        """Wait until every ``durable="later"`` write so far is fsynced (before a checkpoint, at a stop)."""
+        return self._bg.wait(timeout)
+
+    def publish(self, path: Path | str, obj: Any, *, durable: Durability = True) -> bool:
         """Write ``obj`` to ``path`` atomically, with retries. True when it is in the shared dir; False
         when the mount refused it (transient error or full) and it went to the local spool, to be written
-        by a later :meth:`flush_spool` (every publish flushes first). Other errors propagate."""
+        by a later :meth:`flush_spool` (every publish flushes first). Other errors propagate. ``durable`` as
+        in :meth:`write_bytes_atomic`."""
         p = self._confine.check_writable(path)
         data = self.encode_signed(p, obj)
         self.flush_spool(attempts=1)
-        return self._spool.send(p, data, lambda: self._retry(lambda: self.write_bytes_atomic(p, data), "publish"))
+        return self._spool.send(p, data, lambda: self._retry(
+            lambda: self.write_bytes_atomic(p, data, durable=durable), "publish"))
 
-    def append_jsonl(self, path: Path | str, obj: Any) -> bool:
+    def append_jsonl(self, path: Path | str, obj: Any, *, durable: Durability = True) -> bool:
         """Append ``obj`` as one JSON line (O_APPEND, write, fsync) under this file's lock. True when it is
-        in the shared dir; False when spooled locally (kept in order, flushed later)."""
+        in the shared dir; False when spooled locally (kept in order, flushed later). ``durable`` as in
+        :meth:`write_bytes_atomic`."""
         p = self._confine.check_writable(path)
         line = self.encode_signed(p, obj) + b"\n"
         self.flush_spool(attempts=1)
 
         def append() -> None:
-            self._retry(lambda: fsio.append_bytes(p, line, fs=self.fs, quarantine_dir=self.quarantine_dir), "append")
+            self._retry(lambda: fsio.append_bytes(p, line, fs=self.fs, quarantine_dir=self.quarantine_dir,
+                                                  durable=durable is True), "append")
+            if durable == LATER:
+                self._bg.add(p)
         return self._spool.send_line(p, line, append, self.lock(self._append_lock_name(p)))
 
     def encode_signed(self, path: Path | str, obj: Any) -> bytes:

@@ -197,7 +197,8 @@ class Worker:
         result = RoundResult(node_id=self.node_id, round=round_, stage=STAGE, mean_reward=mean_reward(local),
                              num_local_groups=len(local), num_external_groups=len(selection.groups),
                              submitted_at=time.time())
-        self.store.publish(self.layout.reward_file(round_, STAGE, self.node_id), result.to_json())
+        # visible now, fsynced just after: the coordinator is waiting for it (node.bgsync)
+        self.store.publish(self.layout.reward_file(round_, STAGE, self.node_id), result.to_json(), durable="later")
         metrics = metrics_line(local, selection, rejected, published, gen, stats, timings)
         metrics["files_rejected"] = self._rejections_since_last_round()
         self.records.metrics(round_, metrics)
