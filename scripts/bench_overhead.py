@@ -60,6 +60,7 @@ class Side:
     load: float | None = None  # the 1-minute load average when this side finished
     spread: tuple = ()  # (min, max) s/round over the repeats, when there were several
     error: str = ""
+    switch_ms: list = field(default_factory=list)  # the coordinator's round switch latencies (the swarm)
 
 
 def mean(values) -> float | None:
@@ -266,6 +267,38 @@ def read_metrics(exp_dir: Path) -> dict[str, list[dict]]:
     return {path.parent.name: read_jsonl(path)[0] for path in sorted((exp_dir / "logs").glob("*/metrics.jsonl"))}
 
 
+def read_switches(exp_dir: Path, skip_rounds: int) -> list[float]:
+    """The round switch latencies (ms) the coordinator logged, for the measured rounds."""
+    from node.fsio import read_jsonl
+
+    rows, _ = read_jsonl(exp_dir / "logs" / "coordinator" / "round_switches.jsonl")
+    return [r["switch_ms"] for r in rows if r.get("round", 0) > skip_rounds and isinstance(r.get("switch_ms"), (int, float))]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) by nearest rank, or None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summary_line(results: dict[int, tuple[Side, Side]]) -> str:
+    """``summary: ratio_1w=... ratio_2w=... switch_p50_ms=... switch_p99_ms=... startup_s=...`` from the config-poll
+    swarm of each variant run (NA where a variant was not run or failed)."""
+    def ratio(workers: int) -> str:
+        single, swarm = results.get(workers, (None, None))
+        if single is None or swarm is None or not single.per_round_s or not swarm.per_round_s:
+            return "NA"
+        return f"{swarm.per_round_s / single.per_round_s:.2f}x"
+    switches = [ms for _, swarm in results.values() for ms in swarm.switch_ms]
+    p50, p99 = percentile(switches, 0.5), percentile(switches, 0.99)
+    startups = [swarm.startup_s for _, swarm in results.values() if swarm.startup_s is not None]
+    fmt = lambda v, spec: "NA" if v is None else format(v, spec)  # noqa: E731
+    return (f"summary: ratio_1w={ratio(1)} ratio_2w={ratio(2)} switch_p50_ms={fmt(p50, '.0f')} "
+            f"switch_p99_ms={fmt(p99, '.0f')} startup_s={fmt(min(startups) if startups else None, '.1f')}")
+
+
 def run_swarm(args, workers: int, poll: float | None) -> Side:
     """`swarm launch` of the same workload in a temporary root; figures from its metrics."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
@@ -309,6 +342,7 @@ def run_swarm(args, workers: int, poll: float | None) -> Side:
     metrics = read_metrics(tmp / "shared" / "experiments" / "bench-overhead")
     side = swarm_side(label, metrics, launch_wall=launch_wall, end_wall=end_wall, skip_rounds=args.skip_rounds)
     side.cpu_per_round_s = cpu_per_round(metrics, cpu_samples, args.skip_rounds)
+    side.switch_ms = read_switches(tmp / "shared" / "experiments" / "bench-overhead", args.skip_rounds)
     side.load = os.getloadavg()[0]
     if proc.returncode != 0:
         side.error = f"swarm launch exited {proc.returncode}; see {tmp}"
@@ -332,9 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="base config (default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="extra override for both sides (repeatable)")
-    p.add_argument("--polls", default="config,0.1",
-                   help="coordinator.poll_interval_s values for the swarm runs: 'config' = the config's "
-                        "(default config,0.1)")
+    p.add_argument("--polls", default="config",
+                   help="coordinator.poll_interval_s values for the swarm runs, comma-separated: 'config' = the "
+                        "config's (default: config only; the summary line uses the first)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per swarm run (default 900)")
     p.add_argument("--repeat", type=int, default=3,
                    help="run both sides this many times, alternating, and report the median (default 3)")
@@ -366,6 +400,7 @@ def main(argv=None) -> int:
           f"{load0[0]:.2f}; model {args.model}, I={args.I} G={args.G}, max_new_tokens {args.max_new_tokens}, "
           f"{args.rounds} rounds (first {args.skip_rounds} not measured), config {args.config.name}", flush=True)
     variants = {"one": [1], "two": [2], "both": [1, 2]}[args.variant]
+    results: dict[int, tuple[Side, Side]] = {}
     for workers in variants:
         singles, runs = [], {i: [] for i in range(len(polls))}
         for _ in range(args.repeat):  # alternate the sides, so that other load on the machine hits both
@@ -377,8 +412,10 @@ def main(argv=None) -> int:
         title = (f"\n1 worker, J=0 (one process: the loop alone)" if workers == 1 else
                  f"\n2 workers, J=2 (one process: both workers' work one after the other)")
         print(format_variant(title, single, swarms), flush=True)
+        results[workers] = (single, swarms[0])
     load1 = os.getloadavg()
     print(f"\nload average at the end: {load1[0]:.2f} (other work on this machine shares its CPUs)")
+    print(summary_line(results))
     return 0
 
 

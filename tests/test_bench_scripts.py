@@ -373,6 +373,19 @@ def test_bench_overhead_runs_on_cpu():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "same work: yes" in out.stdout
     assert "ratio per round vs one process" in out.stdout
+    summary = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"summary: ratio_1w=\d+\.\d\dx ratio_2w=NA switch_p50_ms=\d+ switch_p99_ms=\d+ "
+                        r"startup_s=\d+\.\d", summary), summary
+
+
+def test_bench_overhead_summary_line():
+    single = bench_overhead.Side("one process", per_round_s=0.2)
+    swarm = bench_overhead.Side("swarm", per_round_s=0.21, startup_s=4.25, switch_ms=[5.0, 6.0, 7.0, 90.0])
+    two = bench_overhead.Side("swarm", per_round_s=0.3, startup_s=5.0, switch_ms=[8.0])
+    line = bench_overhead.summary_line({1: (single, swarm), 2: (bench_overhead.Side("one", per_round_s=0.4), two)})
+    assert line == "summary: ratio_1w=1.05x ratio_2w=0.75x switch_p50_ms=7 switch_p99_ms=90 startup_s=4.2"
+    assert bench_overhead.summary_line({}) == ("summary: ratio_1w=NA ratio_2w=NA switch_p50_ms=NA switch_p99_ms=NA "
+                                               "startup_s=NA")
 
 
 @pytest.mark.slow
