@@ -25,7 +25,8 @@ in this order:
    every tick, sd_notify and ``status.json``, rewritten only when something lasting changed or its
    refresh is due (:class:`supervisor.status.StatusFile`); every :data:`LOG_CHECK_S`, the logs other
    processes hold open are copied and truncated past their size limit (:mod:`node.logs` lists every
-   log and its bound).
+   log and its bound). The first tick starts the tracking thread (:mod:`supervisor.tracking`,
+   ``tracking.report_to``), the last one stops it after it streamed the nodes' last lines.
 
 The rest lives beside it: the launch plan and node contract (:mod:`supervisor.launch`), the runtime dir,
 lock and pid file (:mod:`supervisor.runfiles`), ``on_event`` (:mod:`supervisor.hooks`) and the production
@@ -61,11 +62,13 @@ from supervisor.states import (
     spawn_held_by,
 )
 from supervisor.stopping import StopSequence
+from supervisor.tracking import Tracking
 from supervisor.watch import GpuWatch, ProcessSampler, SharedPoller
 
 S = NodeState
 STARTING_POLL_S = 0.25  # heartbeat polling while a node is starting (faster start-ups, restarts)
 LOG_CHECK_S = 30.0  # how often the captured logs are checked against their size limit
+TRACKING_CLOSE_S = 30.0  # at the end, how long the tracking thread may take to stream the last lines
 DISK_FULL = "runtime_disk_full"  # the condition of a node held while the runtime disk is full
 _AUTO: Any = object()
 
@@ -119,6 +122,9 @@ class Supervisor:
                                    [n.name for n in self.nodes.values() if n.role == "worker"],
                                    interval_s=shared_poll_s, log=self.log)
         self.status_file = status.StatusFile(self.paths.status_file, self.log)
+        # tracking.report_to: metrics and eval lines streamed to TensorBoard/W&B from a thread of its own
+        self.tracking = Tracking(config, [n.name for n in self.nodes.values() if n.role == "worker"], self.paths.root,
+                                 environ=self.environ, log=self.log, interval_s=shared_poll_s)
         self._lock = SupervisorLock(self.paths)
         self.notices = SupervisorNotices(self.notifier)
         self._next_monitor: float | None = None
@@ -392,12 +398,14 @@ class Supervisor:
 
     def _finish(self) -> None:
         fatal = [n.name for n in self.nodes.values() if n.status.state is S.FATAL]
+        self.tracking.close(TRACKING_CLOSE_S)  # after a last pass over the lines the nodes wrote
         if self.exit_code == EXIT_FINISHED:
             self.hooks.fire("finish", "", "every node finished" if self.stop.signal is None else
                             "stopped after the experiment finished")
         self.log.info("supervisor_exiting", exit_code=self.exit_code, fatal=fatal, stop_reason=self.stop.reason)
 
     def _monitor(self, now: float) -> None:
+        self.tracking.start()  # the first tick, once the lock is held; nothing when report_to is empty
         if self.sample_processes:
             self.sampler.sample(self.nodes.values(), now)
         self.sampler.sample_self(now)
