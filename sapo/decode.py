@@ -1,48 +1,50 @@
 """Sampling without ``generate``: prefill each prompt once, then one token per step (the CPU default).
 
 Shapes: P prompts, G completions each, B = P * G rows (prompt-major), Lp = padded prompt width, Tn = new
-tokens, V = vocabulary, L = layers, H = heads, D = head width.
+tokens, V = vocabulary, C = width, H = heads, D = head width.
 
-On a CPU the model is small next to the Python around it: transformers' ``generate`` spends ~0.4 ms a step
-on input preparation, logits-processor dispatch (an ``inspect.signature`` per processor per step), stopping
-criteria and output bookkeeping, and the model's forward another ~0.4 ms on wrappers (mask creation, output
-capturing, config look-ups) around ~0.5 ms of tensor work for builtin:tiny-gpt2. This loop keeps only the
-tensor work, and prefills each of the P distinct prompts once instead of G times, then repeats its KV cache.
+On a CPU the model is small next to the Python around it. For builtin:tiny-gpt2 (8 rows, ~190-token
+prompts, 1 thread) a decoding step of the model's forward takes ~0.9 ms, ~0.5 ms of it tensor work and the
+rest transformers' wrappers (mask creation, output capturing, config look-ups); ``generate`` adds ~0.8 ms a
+step (input preparation, an ``inspect.signature`` per logits processor per step, stopping criteria,
+growing tensors) and prefills every prompt G times. This loop keeps the tensor work only.
 
-It is bit-compatible with ``model.generate(do_sample=True, top_k=0, temperature=t, top_p=p, ...)`` as
-:func:`sapo.rollouts.sample_completions` calls it: the same forward on the same inputs (left padding,
-positions from the attention mask, a dynamic KV cache, logits of the last position only), transformers' own
+It samples exactly what ``model.generate(do_sample=True, top_k=0, temperature=t, top_p=p, ...)`` samples
+as :func:`sapo.rollouts.sample_completions` calls it: the same forward on the same inputs (left padding,
+positions from the attention mask, a dynamic KV cache, logits of the last position only), transformers'
 logits processors in generate's order, the same float32 softmax and ``torch.multinomial`` on the global
-generator for every row (finished ones too, so the RNG advances the same), finished rows fed the pad token,
-and the same stop (every row past EOS, or ``max_new_tokens``). Two steps leave generate's code path:
+generator over every row (finished ones too, so the generator advances the same), finished rows fed the pad
+token, and the same stop (every row past EOS, or ``max_new_tokens``). Where it leaves generate's path:
 
-- the prefill runs P rows, not B: each row's numbers do not depend on the other rows, and the repeated
-  cache and logits are copies of the same values;
-- for GPT-2 with SDPA attention the decoding step is our own short forward through the model's own
-  modules (:func:`_gpt2_step`): the same ATen ops on the same tensors as transformers' GPT-2 forward. Its
-  first step is run through the model's forward too and compared bit for bit; on any difference (another
-  transformers version, a patched module) the rest of the call uses the model's forward.
+- the prefill runs the P distinct prompts, not B rows, and repeats their cache and logits G times: each
+  row's numbers do not depend on the other rows of the batch;
+- for GPT-2 with SDPA attention a decoding step is our own short forward through the model's weights
+  (:class:`_Gpt2Decoder`): the same ATen ops on the same values as transformers' GPT-2 forward, the keys and
+  values written in place into one buffer instead of concatenated. Its first step also runs through the
+  model's forward and the two are compared bit for bit; on any difference (another transformers version, a
+  patched module) the model's forward decodes the rest.
 
 tests/test_decode.py checks token-for-token equality with ``generate`` (temperatures, top-p, EOS, left
-padding, minimum lengths, bfloat16 autocast). Anything this loop does not reproduce (a generation config
-with repetition penalties and the like, a model whose ``generate`` is overridden, encoder-decoders,
-transformers 4) keeps ``generate``: :func:`unsupported` says why.
+padding, minimum lengths, bfloat16 autocast, other models). Anything this loop does not reproduce (a
+generation config with repetition penalties and the like, a model whose ``generate`` is overridden,
+encoder-decoders, transformers 4) keeps ``generate``: :func:`unsupported` says why. On CUDA the prefill's
+smaller batch could pick other kernels; equality is only tested on the CPU, and ``sapo.decode: auto`` keeps
+(compiled) generate on CUDA.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
 
-# generation-config fields (as ``to_diff_dict`` lists them) this loop reproduces or that generate's caller
-# overrides; any other non-default field could add a logits processor or change the loop, so it means generate.
+# Generation-config fields this loop reproduces or that sample_completions passes to generate anyway.
 _PLAIN_GENERATION_FIELDS = {
-    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "_from_model_config",
-    "transformers_version", "do_sample", "temperature", "top_p", "top_k", "max_length", "max_new_tokens",
-    "use_cache", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
-    "return_dict_in_generate",
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version", "do_sample",
+    "temperature", "top_p", "top_k", "max_length", "max_new_tokens", "use_cache", "output_attentions",
+    "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
 }
 
 
@@ -57,25 +59,33 @@ def unsupported(model) -> str | None:
         return "the model's generate is overridden"
     if type(model).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
         return "the model prepares its own generation inputs"
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(model.config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    params = inspect.signature(model.forward).parameters
-    if not {"position_ids", "logits_to_keep", "use_cache"} <= set(params) or _cache_keyword(model) is None:
+    params = set(inspect.signature(model.forward).parameters)
+    if not {"position_ids", "logits_to_keep", "use_cache"} <= params or not _cache_keyword(params):
         return "its forward takes no position_ids, logits_to_keep or cache"
-    extra = {k: v for k, v in model.generation_config.to_diff_dict().items() if k not in _PLAIN_GENERATION_FIELDS}
+    gc, default = model.generation_config, _default_generation_config()
+    # Set fields other than ours could add a logits processor or change the loop: generate handles them.
+    extra = sorted(k for k, v in vars(gc).items()
+                   if not k.startswith("_") and k not in _PLAIN_GENERATION_FIELDS and v != default.get(k))
     if extra:
-        return f"its generation config sets {sorted(extra)}"
-    gc = model.generation_config
+        return f"its generation config sets {extra}"
     if not gc.use_cache or gc.output_scores or gc.output_logits or gc.return_dict_in_generate:
         return "its generation config asks for no cache or for extra outputs"
     return None
 
 
-def _cache_keyword(model) -> str | None:
+@functools.lru_cache(maxsize=1)
+def _default_generation_config() -> dict:
+    """A default ``GenerationConfig``'s fields (building one costs ~0.2 ms: once per process)."""
+    from transformers import GenerationConfig
+
+    return dict(vars(GenerationConfig()))
+
+
+def _cache_keyword(forward_parameters) -> str | None:
     """The forward's keyword for a KV cache: ``cache`` in late transformers 5 releases, ``past_key_values`` before."""
-    params = inspect.signature(model.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
+    return next((name for name in ("cache", "past_key_values") if name in forward_parameters), None)
 
 
 def _logits_processors(prompt_width: int, *, temperature: float, top_p: float, eos_id: int | None,
@@ -135,25 +145,29 @@ def lean_sample(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, *
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    cache_kw = _cache_keyword(inspect.signature(model.forward).parameters)
     out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1, **{_cache_keyword(model): cache})  # each prompt once: (P, 1, V)
+                logits_to_keep=1, **{cache_kw: cache})  # each prompt once: (P, 1, V)
     logits = out.logits[:, -1].to(copy=True, dtype=torch.float32).repeat_interleave(G, dim=0)  # (B, V)
     del out
     cache.batch_repeat_interleave(G)  # the same keys and values for the G rows of a prompt
-    decoder = _ModelDecoder(model, cache)
+    decoder = _ModelDecoder(model, cache, cache_kw)
     decoder = _Gpt2Decoder.attach(decoder, padded=bool((attention_mask == 0).any()), room=max_new_tokens) or decoder
 
-    unfinished = torch.ones(B, dtype=torch.long, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)  # (B,)
+    pad = torch.tensor(pad_id, device=device)
     t = 0
     while True:
         scores = logits
-        for proc in procs:
-            scores = proc(seqs[:, : Lp + t], scores)
+        if procs:
+            so_far = seqs[:, : Lp + t]  # (B, Lp + t): the ids generate's processors see
+            for proc in procs:
+                scores = proc(so_far, scores)
         probs = F.softmax(scores, dim=-1)
         tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B,)
         if eos_id is not None:  # generate pads rows that already stopped, and only when it knows an EOS
-            tokens = tokens * unfinished + pad_id * (1 - unfinished)
-            unfinished = unfinished & (tokens != eos_id)
+            tokens = torch.where(unfinished, tokens, pad)
+            unfinished &= tokens != eos_id
         seqs[:, Lp + t] = tokens
         t += 1
         if t == max_new_tokens or not bool(unfinished.any()):
@@ -166,8 +180,8 @@ def lean_sample(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, *
 class _ModelDecoder:
     """generate's decoding step: the model's forward on one new token per row, with transformers' cache."""
 
-    def __init__(self, model, cache):
-        self.model, self.cache, self.cache_kw = model, cache, _cache_keyword(model)
+    def __init__(self, model, cache, cache_kw: str):
+        self.model, self.cache, self.cache_kw = model, cache, cache_kw
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, mask2d: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, V) for ``tokens`` (B,) at ``positions`` (B, 1); ``mask2d`` (B, Lp + t) covers them."""

@@ -127,7 +127,8 @@ def main(argv=None) -> int:
             output_dir=tmp, per_device_train_batch_size=args.I * args.G, num_generations=args.G,
             max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
             epsilon=0.2, epsilon_high=0.28, loss_type="dapo", learning_rate=config.learning_rate,
-            max_steps=args.rounds, logging_steps=10_000, report_to=[], disable_tqdm=True, use_cpu=True, bf16=False, save_strategy="no",
+            max_steps=args.rounds, logging_steps=10_000, report_to=[], disable_tqdm=True, use_cpu=True, bf16=False,
+            save_strategy="no",
             shuffle_dataset=False, seed=42, num_iterations=1, disable_dropout=True, max_grad_norm=1.0,
             lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
         )
