@@ -4,10 +4,11 @@
     NODE_ROLE=worker NODE_ID=worker_2 GDRIVE_PATH=/mnt/drive EXPERIMENT_NAME=exp python -m node
 
 Identity comes from the flags or the seeds' variables NODE_ROLE / NODE_ID; everything else from the
-config file, the seeds' environment overrides and ``--set``. Several such processes on one machine (or
-on hosts sharing one directory), pointed at one experiment, form a swarm; the supervisor (``swarm
-launch``) is one way to start them. Exit codes: 0 finished, 143 stopped on SIGTERM/SIGINT after a
-checkpoint, 2 configuration error, 1 anything else.
+config file, the seeds' environment overrides and ``--set``, and for a worker listed in the config's
+``workers:`` its own entry (applied after the base config was checked against the experiment's). Several
+such processes on one machine (or on hosts sharing one directory), pointed at one experiment, form a
+swarm; the supervisor (``swarm launch``) is one way to start them. Exit codes: 0 finished, 143 stopped
+on SIGTERM/SIGINT after a checkpoint, 2 configuration error, 1 anything else.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     heartbeat = Heartbeat(runtime_dir, node_id, role, config.supervisor.heartbeat_interval_s)
     try:
         join_experiment(store, layout, config, node_id, stop, repair=role == "coordinator")
+        tasks = config.experiment_tasks()  # the base config's answer: a worker's own mix replaces sapo.tasks
+        config = own_config(config, node_id)
         log.info("node_starting", experiment=str(config.experiment_dir), model=config.model.name)
         if role == "coordinator":
             from node.coordinator import Coordinator
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
             heartbeat.start()
             return Coordinator(config, node_id, store=store, layout=layout, heartbeat=heartbeat, stop=stop,
                                local_state=runtime_dir / "coordinator.state.json").run()
-        return run_worker(config, node_id, store=store, layout=layout, heartbeat=heartbeat, stop=stop)
+        return run_worker(config, node_id, store=store, layout=layout, heartbeat=heartbeat, stop=stop,
+                          experiment_tasks=tasks)
     except StopRequested:
         log.info("node_stopped_before_start")
         return EXIT_STOPPED
@@ -190,6 +194,54 @@ def make_signer(config, key_file: str | None, runtime_dir) -> Signer:
         log.warning("signatures_not_required", hint="exchange.require_signatures is false: unsigned files "
                     "in the shared directory are accepted (anyone who can write there can forge them)")
     return Signer(key, required=required)
+
+
+def own_config(config, node_id: str):
+    """The config this node runs: the base one (checked against the experiment's state/config.json, which holds
+    the workers list too) with this worker's ``workers:`` entry applied, logged when there is one."""
+    own = config.for_node(node_id)
+    if own is not config:
+        log.info("worker_overrides", model=own.model.name, init_seed=own.model_seed(),
+                 tasks=[t.name for t in own.sapo.tasks], learning_rate=own.sapo.learning_rate,
+                 num_train_samples=own.sapo.num_train_samples, num_transplant_trees=own.sapo.num_transplant_trees)
+    return own
+
+
+class MixedTaskBank:
+    """A heterogeneous worker's tasks: questions sampled from its own mix, while peers' groups of any task of the
+    experiment (the base mix and every worker's) are rebuilt and scored, so a worker learns from tasks it never
+    samples itself. Each task's datasets live in one :class:`~sapo.tasks.TaskBank` (built once)."""
+
+    def __init__(self, own, experiment):
+        from sapo.tasks import TaskBank
+
+        self.own = TaskBank(own)
+        self.others = TaskBank([t for t in experiment if t.name not in self.own.names])
+        self.names = self.own.names + self.others.names  # every task it can rebuild (and evaluate)
+
+    def _bank(self, dataset):
+        return self.own if dataset in self.own.names else self.others
+
+    def sample(self, experiment_seed: int, node_id: str, round_: int, count: int):
+        """This worker's questions, from its own mix only (:meth:`sapo.tasks.TaskBank.sample`)."""
+        return self.own.sample(experiment_seed, node_id, round_, count)
+
+    def rebuild(self, ref, experiment_seed=None):
+        """The question behind ``ref``, a task of the experiment (:meth:`sapo.tasks.TaskBank.rebuild`)."""
+        return self._bank(getattr(ref, "dataset", None)).rebuild(ref, experiment_seed)
+
+    def score(self, question, completion, format_reward: float = 0.0) -> float:
+        """A completion's reward (:meth:`sapo.tasks.TaskBank.score`)."""
+        return self._bank(question.ref.dataset).score(question, completion, format_reward)
+
+
+def task_bank(own_tasks, experiment_tasks):
+    """A worker's task bank: None (the learner's own bank of its ``sapo.tasks``) when its own mix holds every task
+    of the experiment (:meth:`~node.config.ExperimentConfig.experiment_tasks`), else a :class:`MixedTaskBank`."""
+    own = {t.name for t in own_tasks}
+    if all(t.name in own for t in experiment_tasks):
+        return None
+    return MixedTaskBank(own_tasks, experiment_tasks)
 
 
 def join_experiment(store, layout, config, node_id: str, stop: StopFlag, *, retry_s: float = 5.0,
@@ -248,9 +300,10 @@ def defer_imports(names=DEFERRED_IMPORTS) -> list[str]:
     return deferred
 
 
-def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:
+def run_worker(config, node_id: str, *, store, layout, heartbeat, stop, experiment_tasks=()) -> int:
     """Import torch and transformers, register, load the model, then train (heartbeats start only once the model
-    is loaded: the first one, phase ``loaded``, is the supervisor's sign that the next worker may load its own)."""
+    is loaded: the first one, phase ``loaded``, is the supervisor's sign that the next worker may load its own).
+    ``experiment_tasks``: every task of the experiment, whose peers' groups this worker takes (default: its own)."""
     defer_imports()  # before anything imports reasoning-gym
     import torch
     import transformers
@@ -266,7 +319,7 @@ def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:
     device = pick_device(config.supervisor.device)
     apply_memory_fraction(device)
     try:
-        loaded = load_model(config.model.name, device=device, dtype=config.model.dtype, seed=config.experiment.seed,
+        loaded = load_model(config.model.name, device=device, dtype=config.model.dtype, seed=config.model_seed(),
                             attn_implementation=config.model.attn_implementation)
     except ModelLoadError as err:
         log.error("model_load_failed", error=str(err))
@@ -274,7 +327,7 @@ def run_worker(config, node_id: str, *, store, layout, heartbeat, stop) -> int:
         return EXIT_FAILED
     autocast = None if config.model.autocast == "none" else getattr(torch, config.model.autocast)
     learner = SapoLearner(loaded.model, loaded.tokenizer, config.sapo, experiment_seed=config.experiment.seed,
-                          autocast=autocast)
+                          autocast=autocast, bank=task_bank(config.sapo.tasks, experiment_tasks))
     # The first heartbeat, phase "loaded": the model and the learner's copies of it are in memory. The supervisor's
     # stagger ("loaded", a GPU's default) starts the next worker on it; a failure before it is a start-up failure.
     heartbeat.progress("loaded")

@@ -5,6 +5,10 @@ Precedence, lowest first: defaults < YAML < environment (the seeds' variable nam
 (:func:`sapo.config.section`); every mistake raises one :class:`~sapo.config.ConfigError` naming the field
 and the allowed values. :func:`config_json_schema` describes the YAML file. No torch import here: the
 supervisor loads configs too.
+
+Heterogeneous swarms: the ``workers:`` list gives single workers their own model, init seed, task mix,
+learning rate, I and J (:data:`PER_WORKER_FIELDS`). Every node resolves the same base config (the one
+``state/config.json`` holds, the list included); :meth:`ExperimentConfig.for_node` applies a worker's entry.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Mapping, Union
+from typing import Annotated, Any, Iterable, Literal, Mapping, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
-from sapo.config import BUILTIN_MODELS, ConfigError, SapoConfig, section
+from sapo.config import BUILTIN_MODELS, ConfigError, SapoConfig, TaskSpec, section
 from sapo.validation import (Bool, Float, Int, Str, adapter, choice, field_type, from_mapping, one_message, shown,
                              to_plain)
 
@@ -75,11 +79,14 @@ class ExperimentSection:
 
 @section
 class ModelSection:
-    """Which model every worker trains."""
+    """Which model the workers train (an entry of ``workers:`` may give one worker another)."""
 
     name: Annotated[Str, AfterValidator(_builtin_known)] = Field(
         "openai-community/gpt2", description="Hugging Face model id or local path, or builtin:tiny-gpt2 "
         "(env MODEL_NAME)")
+    init_seed: Optional[Int] = Field(
+        None, ge=0, description="seed of the initial weights (all of a built-in model's, any a Hub model "
+        "initialises rather than loads); null = experiment.seed. A worker may set its own (workers:)")
     dtype: choice("auto", "float32", "bfloat16", "float16") = Field(
         "auto", description="weights dtype: auto = bfloat16 on a GPU that supports it, else float32")
     attn_implementation: choice("auto", "sdpa", "eager") = Field(
@@ -209,6 +216,68 @@ class TrackingSection:
         "needs network and WANDB_API_KEY")
 
 
+# What one worker may set for itself in ``workers:``. Everything else is the experiment's and equal on every
+# node, because the exchange depends on it: G (a peer's group is used only if it holds G completions),
+# max_new_tokens (peers' completions are re-tokenised and cut at the receiver's limit: a longer one would be
+# trained on a cut the reward never saw), experiment.seed (questions travel as references whose dataset seeds
+# derive from it; model.init_seed is the per-worker seed of the weights). max_prompt_tokens would not break the
+# exchange (each node encodes prompts itself) but stays part of the experiment's identity.
+PER_WORKER_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("name", "init_seed"),
+    "sapo": ("tasks", "learning_rate", "num_train_samples", "num_transplant_trees"),
+}
+_SHARED_WHY = {
+    "experiment.seed": "questions travel between workers as references whose dataset seeds derive from it "
+                       "(model.init_seed seeds a worker's weights)",
+    "sapo.num_generations": "a peer's group is used only if it holds G completions",
+    "sapo.max_new_tokens": "peers' completions are re-tokenised and cut at the receiver's limit",
+    "sapo.max_prompt_tokens": "it is part of the experiment's identity (state/config.json)",
+}
+_WORKER_NAME = re.compile(r"^worker_([1-9][0-9]*)$")  # supervisor.launch.node_names: worker_1 ... worker_N
+
+
+def _per_worker(section_cls: type, name: str) -> Any:
+    """The type of a per-worker override of ``section_cls``'s field ``name``: null (not set: the base config's
+    value), or a value the base field itself would take (the same type, bounds and checks)."""
+    info = section_cls.__pydantic_fields__[name]
+    inner = Annotated[(info.annotation, *info.metadata)]
+    return Annotated[Optional[inner], Field(description=f"this worker's own value; null = the base config's. "
+                                                        f"{info.description}")]
+
+
+@section
+class WorkerModel:
+    """A worker's own model: its name and the seed of its initial weights."""
+
+    name: _per_worker(ModelSection, "name") = None
+    init_seed: _per_worker(ModelSection, "init_seed") = None
+
+
+@section
+class WorkerSapo:
+    """A worker's own task mix (what it samples locally), learning rate, I and J."""
+
+    tasks: _per_worker(SapoConfig, "tasks") = None
+    learning_rate: _per_worker(SapoConfig, "learning_rate") = None
+    num_train_samples: _per_worker(SapoConfig, "num_train_samples") = None
+    num_transplant_trees: _per_worker(SapoConfig, "num_transplant_trees") = None
+
+
+@section
+class WorkerEntry:
+    """One worker's overrides of the base config; what it does not set is the base config's."""
+
+    name: PlainName = Field(description="the worker: worker_1 ... worker_N (N = supervisor.workers), the "
+                            "supervisor's node names")
+    model: WorkerModel = Field(default_factory=WorkerModel)
+    sapo: WorkerSapo = Field(default_factory=WorkerSapo)
+
+    def changes(self) -> dict[str, dict[str, Any]]:
+        """``{section: {field: value}}`` of what this entry sets (its non-null fields)."""
+        out = {sec: {f: getattr(getattr(self, sec), f) for f in fields} for sec, fields in PER_WORKER_FIELDS.items()}
+        return {sec: {f: v for f, v in values.items() if v is not None} for sec, values in out.items()}
+
+
 @section
 class ExperimentConfig:
     """A whole experiment: every section, each with defaults."""
@@ -222,6 +291,39 @@ class ExperimentConfig:
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    workers: tuple[WorkerEntry, ...] = Field(
+        (), description="heterogeneous swarms: per-worker overrides of model.name, model.init_seed, sapo.tasks, "
+        "sapo.learning_rate, sapo.num_train_samples (I) and sapo.num_transplant_trees (J); workers not listed run "
+        "the base config")
+
+    def for_node(self, node_id: str) -> "ExperimentConfig":
+        """The config node ``node_id`` runs: the base with its ``workers:`` entry applied (the base itself for the
+        coordinator and for workers not listed). A value the section refuses is a ConfigError naming the entry,
+        e.g. ``workers[1] (worker_3).sapo.num_transplant_trees``."""
+        for i, entry in enumerate(self.workers):
+            if entry.name == node_id:
+                changed = {}
+                for sec, values in entry.changes().items():
+                    try:
+                        changed[sec] = replace(getattr(self, sec), **values)
+                    except ConfigError as err:
+                        raise err.under(f"{_entry_label(i, entry.name)}.{sec}") from None
+                return replace(self, **changed)
+        return self
+
+    def model_seed(self) -> int:
+        """The seed of the initial weights: ``model.init_seed``, else ``experiment.seed``."""
+        return self.experiment.seed if self.model.init_seed is None else self.model.init_seed
+
+    def experiment_tasks(self) -> tuple[TaskSpec, ...]:
+        """Every task of the experiment: the base mix, then any other task a worker's own mix names. A worker
+        samples its questions from its own mix, and takes peers' groups of any of these. Ask the base config:
+        in a worker's (:meth:`for_node`) ``sapo.tasks`` is that worker's own mix."""
+        tasks = {t.name: t for t in self.sapo.tasks}
+        for entry in self.workers:
+            for t in entry.sapo.tasks or ():
+                tasks.setdefault(t.name, t)
+        return tuple(tasks.values())
 
     @property
     def experiment_dir(self) -> Path:
@@ -353,7 +455,11 @@ def resolve_config(
     env = os.environ if environ is None else environ
     for dotted, value in {**env_overrides(env), **parse_set_overrides(overrides)}.items():
         _set_path(tree, dotted, value)
-    config = from_mapping(ExperimentConfig, tree)
+    try:
+        config = from_mapping(ExperimentConfig, tree)
+    except ConfigError as err:
+        raise _worker_error(err, tree) from None
+    _check_workers(config)
     _check_task_names(config)
     return config
 
@@ -363,10 +469,65 @@ def _check_task_names(config: ExperimentConfig) -> None:
     from node.task_names import known_task_names
 
     known = set(known_task_names())
-    for i, task in enumerate(config.sapo.tasks):
-        if task.name not in known:
-            raise ConfigError(f"sapo.tasks[{i}].name",
-                              f"unknown task {task.name!r}; allowed: {', '.join(sorted(known))}")
+    mixes = [("sapo", config.sapo.tasks)] + [(f"{_entry_label(i, e.name)}.sapo", e.sapo.tasks or ())
+                                             for i, e in enumerate(config.workers)]
+    for where, tasks in mixes:
+        for i, task in enumerate(tasks):
+            if task.name not in known:
+                raise ConfigError(f"{where}.tasks[{i}].name",
+                                  f"unknown task {task.name!r}; allowed: {', '.join(sorted(known))}")
+
+
+def _entry_label(index: int, name: Any) -> str:
+    """``workers[1] (worker_3)``: how messages name an entry of the workers list."""
+    return f"workers[{index}] ({name})" if isinstance(name, str) and not plain_name_problem(name) else \
+        f"workers[{index}]"
+
+
+def _worker_range(n: int) -> str:
+    return "worker_1" if n == 1 else f"worker_1 ... worker_{n}"
+
+
+def _check_workers(config: ExperimentConfig) -> None:
+    """Each entry names one of the supervisor's workers (worker_1 ... worker_N), once, and applies cleanly."""
+    n, seen = config.supervisor.workers, {}
+    for i, entry in enumerate(config.workers):
+        label = _entry_label(i, entry.name)
+        number = _WORKER_NAME.match(entry.name)
+        if number is None:
+            raise ConfigError(f"{label}.name", f"must name a worker of this swarm: {_worker_range(n)} (the "
+                              f"supervisor's node names)")
+        if int(number.group(1)) > n:
+            raise ConfigError(f"{label}.name", f"no such worker: supervisor.workers is {n} ({_worker_range(n)}); "
+                              f"raise supervisor.workers or drop this entry")
+        if entry.name in seen:
+            raise ConfigError(label, f"{entry.name} is listed twice (also workers[{seen[entry.name]}])")
+        seen[entry.name] = i
+        config.for_node(entry.name)  # the section's own cross-field checks, with this entry applied
+
+
+def _worker_error(err: ConfigError, tree: dict) -> ConfigError:
+    """Name the worker in an error inside the workers list; a field no worker may set says why."""
+    m = re.match(r"^workers\[(\d+)\](.*)$", err.field)
+    entries = tree.get("workers")
+    if m is None or not isinstance(entries, list):
+        return err
+    i, rest = int(m.group(1)), m.group(2)
+    entry = entries[i] if i < len(entries) else None
+    label = _entry_label(i, entry.get("name") if isinstance(entry, dict) else None)
+    dotted = rest.lstrip(".")
+    section_name, _, key = dotted.partition(".")
+    sections = ExperimentConfig.__pydantic_fields__
+    if key:  # a field of a section the entry may name (model, sapo): is it a real field of that section?
+        shared = "." not in key and key in getattr(field_type(ExperimentConfig, (section_name,)),
+                                                   "__pydantic_fields__", {})
+    else:  # a whole section (experiment, supervisor, ...)
+        shared = section_name in sections and section_name != "workers"
+    if err.reason.startswith("unknown key") and shared:
+        why = _SHARED_WHY.get(dotted, "every node of the experiment uses the base config's value")
+        allowed = ", ".join(f"{sec}.{f}" for sec, fs in PER_WORKER_FIELDS.items() for f in fs)
+        return ConfigError(f"{label}{rest}", f"cannot be set per worker ({why}); a worker may set: {allowed}")
+    return ConfigError(f"{label}{rest}", err.reason)
 
 
 def with_overrides(config: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentConfig:

@@ -22,9 +22,10 @@ EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after checkpointing
 
-# Fields that must agree across every node of an experiment: they shape what is exchanged.
+# Fields that must agree across every node of an experiment: they shape what is exchanged. Checked on the base
+# config, and so is the ``workers:`` list (every worker's own model, seed, tasks, I, J): see _identity.
 IDENTITY_FIELDS = (
-    ("model", "name"), ("experiment", "seed"),
+    ("model", "name"), ("model", "init_seed"), ("experiment", "seed"),
     ("sapo", "num_train_samples"), ("sapo", "num_transplant_trees"), ("sapo", "num_generations"),
     ("sapo", "max_new_tokens"), ("sapo", "max_prompt_tokens"), ("sapo", "tasks"),
 )
@@ -84,7 +85,9 @@ class StopFlag:
 
 
 def _identity(config_dict: dict) -> dict:
-    return {f"{a}.{b}": config_dict.get(a, {}).get(b) for a, b in IDENTITY_FIELDS}
+    # A snapshot from before model.init_seed and workers: existed holds neither; both then mean the defaults.
+    return {**{f"{a}.{b}": config_dict.get(a, {}).get(b) for a, b in IDENTITY_FIELDS},
+            "workers": config_dict.get("workers") or []}
 
 
 def ensure_config_snapshot(store: SharedStore, layout: ExperimentLayout, config: ExperimentConfig, node_id: str,
@@ -94,7 +97,7 @@ def ensure_config_snapshot(store: SharedStore, layout: ExperimentLayout, config:
     A snapshot that cannot be verified (unsigned, another key, unreadable) is logged and ignored, never a
     reason to stop; with ``repair`` (the coordinator) it is replaced by ours.
 
-    A node whose I/J/G, model, seed or task mix differs from the experiment's refuses to start
+    A node whose I/J/G, model, seed, task mix or ``workers:`` list differs from the experiment's refuses to start
     (ConfigError, exit code 2) instead of exchanging rollouts its peers cannot use.
     """
     mine = config.to_dict()

@@ -24,7 +24,7 @@ __all__ = ["AUTO_CUDA_MICRO_BATCH_TOKENS", "BUILTIN_MODELS", "ConfigError", "DEF
            "TaskSpec", "section"]
 
 # Models built in-process (no files, no downloads); sapo.tiny_model builds them.
-BUILTIN_MODELS = ("builtin:tiny-gpt2", "builtin:gpt2-124m")
+BUILTIN_MODELS = ("builtin:tiny-gpt2", "builtin:tiny-gpt2-wide", "builtin:gpt2-124m")
 
 # A config section: a frozen pydantic dataclass whose mistakes (also when built in code) raise ConfigError.
 section = model(extra="forbid", error=config_error)

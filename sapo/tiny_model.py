@@ -1,4 +1,5 @@
-"""The built-in models: ``builtin:tiny-gpt2`` (a few hundred thousand parameters) and ``builtin:gpt2-124m``.
+"""The built-in models: ``builtin:tiny-gpt2`` (a few hundred thousand parameters), ``builtin:tiny-gpt2-wide``
+(about five times as many, with a tokenizer of its own) and ``builtin:gpt2-124m``.
 
 Built entirely in-process (no files, no downloads) so tests, CPU smoke runs and air-gapped machines
 always have a model. Everything here is deterministic: the same vocab in every process, the same weights
@@ -7,6 +8,11 @@ for the same seed.
 ``builtin:tiny-gpt2``: 2 layers, 2 heads, 64 wide; its tokenizer is a byte-level BPE of 512 tokens trained
 on :data:`CORPUS`, a few KB of the kind of text reasoning-gym prompts contain (digits, arithmetic,
 ``<answer>`` tags, days, letters); being byte-level it still encodes any text, just less compactly.
+
+``builtin:tiny-gpt2-wide``: 4 layers, 4 heads, 128 wide (1,022,720 parameters), so a CPU swarm can mix two
+model sizes (heterogeneous swarms); its byte-level BPE has 768 tokens, trained on the same :data:`CORPUS`,
+so its token ids differ from the tiny model's and peers' completions must be re-tokenised, as with two Hub
+models.
 
 ``builtin:gpt2-124m``: GPT-2 small's architecture (12 layers, 12 heads, 768 wide, 1024 positions, tied
 embeddings: 124,439,808 parameters) with random weights, so GPU throughput and memory can be measured
@@ -34,6 +40,8 @@ from sapo.config import BUILTIN_MODELS
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's name; also the bos token
 PAD_TOKEN = "<|pad|>"  # distinct from eos so masks built from pad never hide a real eos
 VOCAB_SIZE = 512
+WIDE_VOCAB_SIZE = 768
+CORPUS_VOCAB_LIMIT = 900  # CORPUS alone teaches about 930 tokens; larger vocabularies train on filler too
 GPT2_VOCAB_SIZE = 50257  # GPT-2's vocabulary size (50000 merges + 256 bytes + <|endoftext|>)
 MODEL_MAX_LENGTH = 1024
 
@@ -107,7 +115,7 @@ def _filler_lines(count: int = _FILLER_LINES) -> list[str]:
     return lines
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)
 def _tokenizer_json(vocab_size: int = VOCAB_SIZE) -> str:
     """Train the BPE once per process and size; the JSON string is immutable, so sharing it is safe."""
     tok = Tokenizer(models.BPE())
@@ -121,7 +129,7 @@ def _tokenizer_json(vocab_size: int = VOCAB_SIZE) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = CORPUS if vocab_size <= VOCAB_SIZE else CORPUS + tuple(_filler_lines())
+    corpus = CORPUS if vocab_size <= CORPUS_VOCAB_LIMIT else CORPUS + tuple(_filler_lines())
     tok.train_from_iterator(corpus, trainer=trainer)
     missing = vocab_size - tok.get_vocab_size()
     if vocab_size > VOCAB_SIZE and missing > 0:
@@ -133,8 +141,8 @@ def _tokenizer_json(vocab_size: int = VOCAB_SIZE) -> str:
 def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """A fresh byte-level BPE tokenizer with ``<|endoftext|>`` as bos/eos and ``<|pad|>``.
 
-    ``vocab_size`` is :data:`VOCAB_SIZE` (512, the tiny model's; about 512 tokens) or
-    :data:`GPT2_VOCAB_SIZE` (exactly 50257, see the module docstring). Each call returns a new object, so
+    ``vocab_size`` is :data:`VOCAB_SIZE` (512, the tiny model's; about 512 tokens), :data:`WIDE_VOCAB_SIZE`
+    (768, the wide tiny model's) or :data:`GPT2_VOCAB_SIZE` (exactly 50257, see the module docstring). Each call returns a new object, so
     callers may change ``padding_side`` and the like freely.
     """
     return PreTrainedTokenizerFast(
@@ -190,10 +198,17 @@ def build_gpt2_124m(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTokenizer
     return build_tiny_gpt2(seed, n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=GPT2_VOCAB_SIZE)
 
 
+def build_tiny_gpt2_wide(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """The wide tiny model (4 layers, 4 heads, 128 wide) with its 768-token tokenizer, random weights from ``seed``."""
+    return build_tiny_gpt2(seed, n_layer=4, n_head=4, n_embd=128, vocab_size=WIDE_VOCAB_SIZE)
+
+
 def build_builtin(name: str, seed: int) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     """Build the built-in model ``name`` (one of :data:`sapo.config.BUILTIN_MODELS`) with weights from ``seed``."""
     if name == "builtin:tiny-gpt2":
         return build_tiny_gpt2(seed)
+    if name == "builtin:tiny-gpt2-wide":
+        return build_tiny_gpt2_wide(seed)
     if name == "builtin:gpt2-124m":
         return build_gpt2_124m(seed)
     raise ValueError(f"unknown built-in model {name!r}; allowed: {', '.join(BUILTIN_MODELS)}")

@@ -1,8 +1,8 @@
 """What the supervisor starts: the device and its memory plan, the nodes' names, command lines and environment.
 
 :func:`plan_launch` resolves ``supervisor.gpu`` / an inherited ``CUDA_VISIBLE_DEVICES`` to one GPU or MIG
-instance by UUID and shares its memory among the workers (:func:`supervisor.gpu.plan_memory`), or chooses
-the CPU. :func:`node_argv` and :func:`node_env` are the node contract: ``--config/--role/--node-id/--set``
+instance by UUID and shares its memory among the workers (:func:`supervisor.gpu_plan.plan_memory`, each
+worker's share from its own model in a heterogeneous swarm), or chooses the CPU. :func:`node_argv` and :func:`node_env` are the node contract: ``--config/--role/--node-id/--set``
 on the command line; ``NODE_ROLE``, ``NODE_ID``, ``SWARM_RUNTIME_DIR``, ``SWARM_DEVICE``,
 ``CUDA_VISIBLE_DEVICES`` (the UUID for GPU workers, empty for the coordinator), ``SWARM_MEMORY_BYTES`` and
 ``OMP_NUM_THREADS`` in the environment. Pure functions of their arguments (and the CPU affinity).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Mapping, Sequence
 
 from sapo.config import ConfigError
 from supervisor.gpu import GpuDevice, GpuInfo, NoSuchGpu, requested_gpu
-from supervisor.gpu_plan import GpuPlan, PlanError, plan_memory
+from supervisor.gpu_plan import GpuPlan, PlanError, model_params, plan_memory, training_bytes
 from supervisor.sdnotify import child_env
 
 DEFAULT_NODE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "node")
@@ -41,8 +42,17 @@ class LaunchPlan:
         return f"device cuda ({self.why}): {self.gpu_plan.describe()}"
 
     def budget_bytes(self) -> int | None:
-        """A worker's planned GPU memory (fraction + CUDA context), or None on the CPU."""
+        """A worker's planned GPU memory (fraction + CUDA context; the largest one's in a heterogeneous swarm),
+        or None on the CPU."""
         return self.gpu_plan.budget_bytes() if self.gpu_plan else None
+
+    def worker_bytes(self, node_id: str) -> int:
+        """Worker ``node_id``'s share of the GPU (its allocator cap, SWARM_MEMORY_BYTES); needs a GPU plan."""
+        assert self.gpu_plan is not None
+        number = _WORKER_NUMBER.match(node_id)
+        if number is None or not 1 <= int(number.group(1)) <= self.gpu_plan.workers:
+            return self.gpu_plan.bytes_per_worker
+        return self.gpu_plan.share(int(number.group(1)))
 
     def to_dict(self) -> dict:
         plan = dataclasses.asdict(self.gpu_plan) if self.gpu_plan else None
@@ -78,12 +88,32 @@ def plan_launch(config, gpu: GpuInfo | None, environ: Mapping[str, str] | None =
                             "device); use --set supervisor.device=cpu (or auto) to run on the CPU")
         return LaunchPlan("cpu", None, "supervisor.device is auto and no GPU was found")
     device = _lookup(gpu, request.spec, request.field)
-    plan = plan_memory(device.total_bytes, sv.workers, sv.memory_fraction, sv.cuda_context_margin_gb)
+    models, needs = worker_needs(config, environ)
+    plan = plan_memory(device.total_bytes, sv.workers, sv.memory_fraction, sv.cuda_context_margin_gb, needs, models)
     notes = []
+    if len(set(models)) > 1 and None in needs:
+        unknown = ", ".join(f"worker_{i} ({m})" for i, (m, n) in enumerate(zip(models, needs), 1) if n is None)
+        notes.append(f"model size unknown for {unknown} (not a built-in, a local directory or in the Hugging Face "
+                     f"cache): the workers get equal shares of the GPU")
     if request.source == "supervisor.gpu" and request.inherited is not None:
         notes.extend(_overridden(gpu, device, request.inherited))
     return LaunchPlan("cuda", plan, f"{request.describe()}: {device.describe()}", gpu_device=device,
                       notes=tuple(notes))
+
+
+def worker_needs(config, environ: Mapping[str, str]) -> tuple[list[str], list[int | None]]:
+    """Each worker's model (worker_1 first, its ``workers:`` entry applied) and the bytes its training state needs
+    on the GPU (:func:`supervisor.gpu_plan.training_bytes`; None when the model's size is unknown here)."""
+    models, needs = [], []
+    for name, role in node_names(config.supervisor.workers):
+        if role != "worker":
+            continue
+        own = config.for_node(name)
+        params = model_params(own.model.name, environ)
+        models.append(own.model.name)
+        needs.append(None if params is None else
+                     training_bytes(params, own.model.dtype, own.sapo.optimizer, own.sapo.kl_beta))
+    return models, needs
 
 
 def _lookup(gpu: GpuInfo, spec: str, field_name: str) -> GpuDevice:
@@ -111,6 +141,8 @@ def _overridden(gpu: GpuInfo, chosen: GpuDevice, inherited: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the node contract
+
+_WORKER_NUMBER = re.compile(r"^worker_([1-9][0-9]*)$")
 
 def node_names(workers: int) -> list[tuple[str, str]]:
     """``[("coordinator", "coordinator"), ("worker_1", "worker"), …]`` in start order."""
@@ -156,7 +188,7 @@ def node_env(environ: Mapping[str, str], launch: LaunchPlan | None, *, role: str
         env["CUDA_VISIBLE_DEVICES"] = launch.gpu_device.uuid
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         # Bytes, not a fraction: torch applies its fraction to cudaMemGetInfo's total, not NVML's.
-        env["SWARM_MEMORY_BYTES"] = str(int(launch.gpu_plan.bytes_per_worker))
+        env["SWARM_MEMORY_BYTES"] = str(int(launch.worker_bytes(node_id)))
     if "OMP_NUM_THREADS" not in environ:
         # torch gives every process one thread per core: N CPU workers would oversubscribe the cores
         # (measured: a 2-worker CPU swarm on 2 cores ran 9x slower). Share them; the coordinator needs one.
