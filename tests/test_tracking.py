@@ -3,8 +3,10 @@ TensorBoard's own reader) and W&B, incrementally, once per step across restarts,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import struct
 import threading
 
@@ -311,3 +313,31 @@ def test_smoke_swarm_with_tensorboard_writes_event_files_whose_scalars_equal_the
         assert scalars == expected(lines), worker
         assert scalars["reward_local"] == [(m["round"], f32(m["reward_local"])) for m in lines]
         assert scalars["timings/generate_s"] == [(m["round"], f32(m["timings"]["generate_s"])) for m in lines]
+
+
+RESTART = ("tracking.report_to=[tensorboard]", "experiment.max_rounds=60", "sapo.max_new_tokens=24")  # ~20 s of rounds
+
+
+def tracked_rounds(run, worker: str) -> int:
+    """The last round the TensorBoard tracker of ``run`` recorded for ``worker`` (-1 before any)."""
+    try:
+        state = json.loads((run.runtime / STATE_FILE).read_text())
+        return state["trackers"]["tensorboard"]["steps"].get(f"{worker}/metrics", -1)
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+@needs_tensorboard
+@pytest.mark.slow
+@pytest.mark.timeout(Timeouts.of(CONFIG, *RESTART).budget(launches=2, rounds=60))
+def test_a_supervisor_killed_mid_run_then_relaunched_streams_every_round_once(make_swarm):
+    run = make_swarm(*RESTART)
+    run.launch()
+    run.wait_for(lambda: tracked_rounds(run, "worker_1") >= 1, run.t.budget(rounds=60), "a first tracked pass")
+    run.proc.send_signal(signal.SIGKILL)  # no last pass, no close: the state file is as of its last pass
+    run.proc.wait(timeout=10)
+    assert run.run_to_end() == 0, run.output()[-3000:]
+    for worker in run.workers:
+        lines = run.metrics(worker)
+        assert [m["round"] for m in lines] == list(range(60))
+        assert read_back(run.exp / "tensorboard" / worker) == expected(lines), worker
