@@ -82,8 +82,8 @@ class ModelSection:
     """Which model the workers train (an entry of ``workers:`` may give one worker another)."""
 
     name: Annotated[Str, AfterValidator(_builtin_known)] = Field(
-        "openai-community/gpt2", description="Hugging Face model id or local path, or builtin:tiny-gpt2 "
-        "(env MODEL_NAME)")
+        "openai-community/gpt2", description="Hugging Face model id or local path, or a built-in: "
+        f"{', '.join(BUILTIN_MODELS)} (env MODEL_NAME)")
     init_seed: Optional[Int] = Field(
         None, ge=0, description="seed of the initial weights (all of a built-in model's, any a Hub model "
         "initialises rather than loads); null = experiment.seed. A worker may set its own (workers:)")
@@ -241,8 +241,8 @@ def _per_worker(section_cls: type, name: str) -> Any:
     value), or a value the base field itself would take (the same type, bounds and checks)."""
     info = section_cls.__pydantic_fields__[name]
     inner = Annotated[(info.annotation, *info.metadata)]
-    return Annotated[Optional[inner], Field(description=f"this worker's own value; null = the base config's. "
-                                                        f"{info.description}")]
+    about = re.sub(r" ?\(env [A-Z_]+\)", "", info.description)  # the environment sets the base config's value
+    return Annotated[Optional[inner], Field(description=f"this worker's own value; null = the base config's. {about}")]
 
 
 @section

@@ -117,6 +117,9 @@ def test_paper_split_configs():
     assert smoke.model.name == "builtin:tiny-gpt2" and smoke.supervisor.device == "cpu"
     assert (smoke.supervisor.workers, smoke.experiment.max_rounds) == (2, 3)
     assert (smoke.sapo.num_train_samples, smoke.sapo.num_transplant_trees, smoke.sapo.num_generations) == (2, 2, 4)
+    hetero = resolve_config(CONFIGS / "hetero-cpu.yaml", environ={})
+    models = {hetero.for_node(f"worker_{i}").model.name for i in (1, 2)}
+    assert models == {"builtin:tiny-gpt2", "builtin:tiny-gpt2-wide"} and hetero.supervisor.device == "cpu"
 
 
 def test_sections_built_in_code_are_checked_too():
@@ -141,3 +144,10 @@ def test_json_schema_describes_the_config_file():
     assert defs["CoordinatorSection"]["properties"]["strategy"]["enum"] == ["time", "completion", "hybrid"]
     assert {"type": "boolean"} in defs["SapoConfig"]["properties"]["warmup"]["anyOf"]
     assert "pattern" in defs["ExperimentSection"]["properties"]["name"]
+    # workers: each entry names a worker and may set a few fields, each with the base field's own bounds
+    assert schema["properties"]["workers"]["items"] == {"$ref": "#/$defs/WorkerEntry"}
+    assert defs["WorkerEntry"]["required"] == ["name"] and "pattern" in defs["WorkerEntry"]["properties"]["name"]
+    j = defs["WorkerSapo"]["properties"]["num_transplant_trees"]
+    assert j["anyOf"] == [{"minimum": 0, "type": "integer"}, {"type": "null"}] and j["default"] is None
+    assert "J: external question groups" in j["description"] and "env" not in j["description"]
+    assert set(defs["WorkerModel"]["properties"]) == {"name", "init_seed"}

@@ -398,3 +398,48 @@ def test_real_children_on_a_fake_gpu(tmp_path, reaper):
     assert drive(sup, lambda: w1.status.restarts == 1, timeout=10)
     waits = sup.log.named("gpu_wait_release")
     assert waits and waits[0]["node"] == "worker_1" and old in waits[0]["pids"]
+
+
+def test_two_model_sizes_get_their_own_shares(tmp_path):
+    """A heterogeneous swarm (workers:): worker_2's GPT-2-sized model gets its training state on top of an equal
+    share; every worker is told its own budget."""
+    from dataclasses import replace
+
+    from node.config import WorkerEntry, WorkerModel
+    from supervisor.gpu_plan import training_bytes
+
+    fos = FakeOS()
+    cfg = fake_config(tmp_path / "shared", workers=3, device="cuda", memory_fraction="auto", cuda_context_margin_gb=0.5)
+    cfg = replace(cfg, model=replace(cfg.model, name="builtin:tiny-gpt2"),
+                  workers=(WorkerEntry(name="worker_2", model=WorkerModel(name="builtin:gpt2-124m")),))
+    sup = Supervisor(cfg, os_=fos, gpu=FakeGpu(80 * GIB), runtime_dir=tmp_path / "rt",
+                     notifier=SdNotifier(environ={}), log=RecordingLog(), environ={}, sample_processes=False)
+    start_all(sup, fos)
+    plan = sup.launch.gpu_plan
+    budgets = {env["NODE_ID"]: int(env["SWARM_MEMORY_BYTES"]) for env in worker_envs(fos)}
+    assert budgets == {"worker_1": plan.share(1), "worker_2": plan.share(2), "worker_3": plan.share(3)}
+    extra = training_bytes(124_439_808, "auto") - training_bytes(198_400, "auto")  # bf16 weights + grads, fp32 moments
+    assert budgets["worker_1"] == budgets["worker_3"] and abs(budgets["worker_2"] - budgets["worker_1"] - extra) <= 1
+    assert plan.planned_bytes + plan.headroom_bytes == 80 * GIB and plan.headroom_bytes >= 0.05 * 80 * GIB - 3
+    launch = read_status(sup.paths)["launch"]
+    assert launch["gpu_plan"]["worker_bytes"] == [budgets[f"worker_{i}"] for i in (1, 2, 3)]
+    assert "from each one's model: worker_1 " in launch["describe"]
+
+
+def test_launch_refuses_a_share_too_small_for_a_workers_model(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setenv("SWARM_RUNTIME_DIR", str(tmp_path / "rt"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(daemon, "open_gpu", lambda log=None: FakeGpu(4 * GIB))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "experiment": {"name": "gpu", "root": str(tmp_path / "shared")}, "model": {"name": "builtin:tiny-gpt2"},
+        "sapo": {"tasks": [{"name": "toy_copy"}]},
+        "supervisor": {"workers": 2, "device": "cuda", "memory_fraction": 0.2, "cuda_context_margin_gb": 0.5},
+        "workers": [{"name": "worker_2", "model": {"name": "builtin:gpt2-124m"}}]}))
+    assert cli.main(["launch", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "GPU plan refused" in err and "worker_2 (builtin:gpt2-124m) needs about 1.4 GiB for its weights, " \
+        "gradients and optimizer state, more than its share of 0.8 GiB" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "rt" / "supervisor.pid").exists()
