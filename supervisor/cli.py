@@ -80,8 +80,8 @@ def cmd_launch(args) -> int:
     pid = running_supervisor(paths)
     if pid is not None:
         raise AlreadyRunning(pid, paths.root)
-    _provide_key(args.key_file, paths.root)  # each node logs the key's fingerprint (experiment_key)
-    kwargs = dict(config_path=args.config, overrides=overrides, node_command=_node_command())
+    kwargs = dict(config_path=args.config, overrides=overrides, node_command=_node_command(),
+                  environ=_environ_with_key(args.key_file, paths.root))
     if args.detach:
         return detach.launch_detached(config, kwargs, paths)
     console = console_for(sys.stdout) if sys.stderr.isatty() else None
@@ -94,16 +94,19 @@ def cmd_launch(args) -> int:
     return rc
 
 
-def _provide_key(key_file: str | None, runtime_dir) -> None:
-    """Make the experiment key (``--key-file``, ``$SWARM_KEY``, ``$SWARM_KEY_FILE``, or
-    ``<runtime dir>/swarm.key``, created at the first launch) the nodes' ``$SWARM_KEY``. A bad key is a
-    configuration error before anything starts."""
+def _environ_with_key(key_file: str | None, runtime_dir) -> dict[str, str]:
+    """The supervisor's environment for its nodes: ours plus the experiment key (``--key-file``, ``$SWARM_KEY``,
+    ``$SWARM_KEY_FILE``, or ``<runtime dir>/swarm.key``, created at the first launch) as ``$SWARM_KEY``. Only
+    the nodes get it (each logs its fingerprint as experiment_key); this process's own environment, which
+    tracker and hook subprocesses inherit, does not. A bad key is a configuration error before anything
+    starts."""
     try:
         key, _ = resolve_key(key_file=key_file, runtime_dir=runtime_dir, create=True)
     except KeyProblem as err:
         raise ConfigError("--key-file", str(err)) from None
-    os.environ[KEY_ENV] = key.hex()
-    os.environ.pop(KEY_FILE_ENV, None)
+    environ = {k: v for k, v in os.environ.items() if k != KEY_FILE_ENV}
+    environ[KEY_ENV] = key.hex()
+    return environ
 
 
 def cmd_status(args) -> int:
