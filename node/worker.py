@@ -3,7 +3,7 @@
     wait for the coordinator's round r
     sample I questions -> generate G each -> publish -> wait (bounded) for live peers' files of round r
     -> fetch + validate -> pick J external groups (re-scored locally) -> GRPO step
-    -> round result + metrics line -> checkpoint every K rounds
+    -> round result + metrics line -> checkpoint every K rounds -> held-out eval every K' rounds (and at the end)
 
 If the coordinator moved on while we were busy, we join the newest round and log the skipped ones.
 SIGTERM/SIGINT: finish nothing more, checkpoint the last completed round, exit 143.
@@ -34,6 +34,7 @@ from node.plausible import state_problem
 from node.runtime import EXIT_FINISHED, EXIT_STOPPED, PeerRegistration, StopFlag, StopRequested
 from node.schemas import RoundResult, RoundState
 from node.storage import SharedStore
+from sapo.evaluate import evaluate, heldout_questions
 from sapo.learner import SapoLearner, mean_reward
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,7 @@ class Worker:
         self._rejected_seen = dict(store.rejected)
         self.wakeup = Wakeup(enabled=not events_disabled())  # waits end when the file lands, not at the poll
         self.poll_s = poll_interval(config)
+        self._heldout = None  # the held-out questions, built at the first eval
 
     # --- start and stop -----------------------------------------------------------------------------
     def resume(self) -> None:
@@ -114,12 +116,15 @@ class Worker:
         """Train until the coordinator's final state; returns the process exit code."""
         try:
             self.resume()
+            if self.eval_due(self.last_done):  # an eval a crash or stop cut short: the weights are its round's
+                self.evaluate(self.last_done)
             self.warmup()
             while True:
                 state = self.wait_for_round()
                 self.log_skipped(state.round)
                 if state.finished:
                     self.checkpoint()
+                    self.evaluate(self.last_done, final=True)
                     self.records.event("finished", round=self.last_done)
                     self.peer.update(round_=self.last_done, status="finished", force=True)
                     self.heartbeat.progress("finished", status="finished")
@@ -129,6 +134,8 @@ class Worker:
                 self.last_done = state.round
                 if (state.round + 1) % self.config.checkpoint.every_rounds == 0:
                     self.checkpoint()
+                if self.eval_due(state.round):
+                    self.evaluate(state.round)
         except StopRequested as stop:
             log.info("worker_stopping", signal=str(stop), last_round=self.last_done)
             self.heartbeat.progress("stopping", status="stopping")
@@ -136,6 +143,43 @@ class Worker:
             self.records.event("stopped", signal=str(stop), round=self.last_done)
             self.peer.update(round_=self.last_done, status="stopping", force=True)
             return EXIT_STOPPED
+
+    # --- held-out evaluation -----------------------------------------------------------------------
+    def eval_due(self, round_: int) -> bool:
+        """The ``eval`` section asks for an eval after ``round_`` (every K rounds: (round + 1) % K == 0)."""
+        every = self.config.eval.every_rounds
+        return every > 0 and round_ >= 0 and (round_ + 1) % every == 0
+
+    def evaluate(self, round_: int, *, final: bool = False) -> dict | None:
+        """Held-out pass@1 of the weights trained up to ``round_`` (:mod:`sapo.evaluate`), within
+        ``eval.time_budget_s``, appended to ``logs/<node>/evals.jsonl``: at most once per round, also across
+        restarts. ``final`` marks the weights the run ends with (also true for the last round of the run).
+        Returns the line's fields; None when evals are off, nothing was trained yet, or the round already has
+        its line (at the end of a run whose last round was already evaluated, nothing is repeated)."""
+        cfg, sapo = self.config.eval, self.learner.config
+        if cfg.every_rounds == 0 or round_ < 0 or round_ in self.records.evaluated_rounds:
+            return None
+        if self._heldout is None:
+            self._heldout = heldout_questions(self.learner.bank, cfg.seed, cfg.questions_per_task)
+
+        def tick():  # before each batch: a stop is noticed, the supervisor sees progress
+            self.stop.check()
+            self.heartbeat.progress("eval", round_=round_)
+
+        # as many prompts per batch as a round's generate holds rows (it fits in memory), after any halving
+        rows = sapo.num_train_samples * sapo.num_generations // self.learner.generate_split.calls
+        result = evaluate(self.learner.model, self.learner.tokenizer, self.learner.bank, self._heldout,
+                          max_new_tokens=cfg.max_new_tokens or sapo.max_new_tokens,
+                          max_prompt_tokens=sapo.max_prompt_tokens, batch_size=max(1, rows),
+                          time_budget_s=cfg.time_budget_s, decode=sapo.decode, autocast=self.learner.autocast,
+                          on_batch=tick)
+        # final: the weights the run ends with (its last round, or whatever round was last at the end)
+        final = final or round_ >= self.config.experiment.max_rounds - 1
+        fields = {"final": final, **result.to_json()}
+        self.records.eval(round_, fields)
+        log.info("eval_done", eval_round=round_, final=final, seconds=fields["seconds"], complete=fields["complete"],
+                 accuracy={name: t["accuracy"] for name, t in fields["tasks"].items()})
+        return fields
 
     def log_skipped(self, joined: int) -> None:
         """Record the rounds before ``joined`` we never trained (we were down or behind; also when the run

@@ -1,9 +1,9 @@
-"""What one experiment recorded, for ``swarm report``: its I/J/G, each worker's metrics and events.
+"""What one experiment recorded, for ``swarm report``: its I/J/G, each worker's metrics, evals and events.
 
 An experiment is given as a config file (read with :func:`node.config.resolve_config`, so environment
 overrides and ``--set`` apply; its I/J come from the config) or an experiment directory (I/J from its
-``state/config.json``). Each worker's ``logs/<node>/metrics.jsonl`` and ``training_events.jsonl``, and the
-coordinator's ``round_switches.jsonl`` (:mod:`supervisor.switches`), are read tolerantly through
+``state/config.json``). Each worker's ``logs/<node>/metrics.jsonl``, ``evals.jsonl`` (held-out evals, when
+the experiment ran them: :func:`eval_line`) and ``training_events.jsonl``, and the coordinator's ``round_switches.jsonl`` (:mod:`supervisor.switches`), are read tolerantly through
 :mod:`node.fsio`, the one checked reader, so a running experiment works: a partial last line or any
 unparseable line is skipped, a node without files is simply absent (an experiment from before the round
 switch was logged has no switches), and a repeated (node, round) line keeps its first occurrence (the
@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from node.config import plain_name_problem, resolve_config  # no torch: node.config is shared with the supervisor
 from node.fsio import BadFile, iter_jsonl, read_capped
+from node.records import EVALS_FILE
 from node.schemas import ConfigSnapshot, validate_metrics_line
 from node.strict_json import parse_json_bytes
 from sapo.config import ConfigError
@@ -58,6 +59,7 @@ class ExperimentData:
     num_generations: int | None = None
     max_rounds: int | None = None
     metrics: dict[str, dict[int, dict]] = field(default_factory=dict)  # node -> round -> line
+    evals: dict[str, dict[int, dict]] = field(default_factory=dict)  # node -> eval round -> checked eval line
     events: dict[str, list[dict]] = field(default_factory=dict)  # node -> events in file order
     switches: dict[int, dict] = field(default_factory=dict)  # round -> the checked round switch into it
     skipped_lines: int = 0
@@ -81,6 +83,16 @@ class ExperimentData:
                 value = finite_number(line.get("reward_local"))
                 if value is not None:
                     out.setdefault(r, {})[node] = value
+        return dict(sorted(out.items()))
+
+    def eval_accuracy(self) -> dict[str, dict[str, dict[int, float]]]:
+        """task -> node -> eval round -> accuracy (evals that evaluated none of a task's questions left out)."""
+        out: dict[str, dict[str, dict[int, float]]] = {}
+        for node, per_node in sorted(self.evals.items()):
+            for r, line in sorted(per_node.items()):
+                for task, score in line["tasks"].items():
+                    if score["accuracy"] is not None:
+                        out.setdefault(task, {}).setdefault(node, {})[r] = score["accuracy"]
         return dict(sorted(out.items()))
 
     def restarts(self) -> list[dict]:
@@ -241,6 +253,49 @@ def _read_rows(data: ExperimentData, path: Path, check: Callable[[dict], Any]) -
     return rows
 
 
+def _fraction(obj: dict, key: str, where: str) -> float | None:
+    value = obj.get(key)
+    number = finite_number(value)
+    if value is not None and (number is None or not 0.0 <= number <= 1.0):
+        raise ValueError(f"{where}.{key}: not a number in [0, 1] or null ({short_value(value)})")
+    return number
+
+
+def _task_score(name: Any, obj: Any) -> dict:
+    if not isinstance(name, str) or plain_name_problem(name):
+        raise ValueError(f"tasks: {short_value(name)} is not a task name")
+    if not isinstance(obj, dict):
+        raise ValueError(f"tasks.{name}: not a JSON object")
+    n, planned = count_or_none(obj.get("n")), count_or_none(obj.get("planned", obj.get("n")))
+    if n is None or planned is None or n > planned:
+        raise ValueError(f"tasks.{name}: n and planned are not counts with n <= planned")
+    accuracy = _fraction(obj, "accuracy", f"tasks.{name}")
+    if (accuracy is None) != (n == 0):
+        raise ValueError(f"tasks.{name}: accuracy must be null exactly when n is 0")
+    seconds = finite_number(obj.get("seconds"))
+    return {"accuracy": accuracy, "score": _fraction(obj, "score", f"tasks.{name}"), "n": n, "planned": planned,
+            "seconds": seconds, "complete": n == planned}
+
+
+def eval_line(obj: Any, *, expect_node: str | None = None) -> dict:
+    """The fields of one held-out eval line (:mod:`node.records` writes them) the report uses: ``round``,
+    ``final``, ``complete``, ``seconds`` and per task ``accuracy``, ``score``, ``n``, ``planned``, ``seconds``,
+    ``complete``; ValueError naming the first problem. Other keys (``hmac``, ``timestamp``) are ignored."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    if expect_node is not None and obj.get("node_id") != expect_node:
+        raise ValueError(f"not an eval of {expect_node} (node_id {short_value(obj.get('node_id'))})")
+    rnd = count_or_none(obj.get("round"))
+    if rnd is None:
+        raise ValueError(f"round: not an integer in [0, 2**63 - 1] ({short_value(obj.get('round'))})")
+    tasks = obj.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError("tasks: not a non-empty JSON object")
+    scores = {name: _task_score(name, value) for name, value in tasks.items()}
+    return {"round": rnd, "final": obj.get("final") is True, "seconds": finite_number(obj.get("seconds")),
+            "complete": all(t["complete"] for t in scores.values()), "tasks": scores}
+
+
 def _event_line(node: str) -> Callable[[dict], None]:
     def check(line: dict) -> None:
         if line.get("node_id") != node or not isinstance(line.get("event"), str):
@@ -248,26 +303,32 @@ def _event_line(node: str) -> Callable[[dict], None]:
     return check
 
 
+def _by_round(data: ExperimentData, path: Path, check: Callable[[dict], dict], into: dict[int, dict]) -> None:
+    """The lines of ``path`` that ``check`` accepts, as ``check`` returns them, into ``into`` by round; a
+    repeated round keeps its first line (the others are counted in ``duplicate_lines``)."""
+    for line in _read_rows(data, path, check):
+        checked = check(line)
+        if checked["round"] in into:
+            data.duplicate_lines += 1
+            continue
+        into[checked["round"]] = checked
+
+
 def _load_node(data: ExperimentData, node_dir: Path) -> None:
     node = node_dir.name
     per_node: dict[int, dict] = {}
     # another node's line, no round, a round beyond 2**63 - 1, too deep...: SchemaError (a ValueError)
-    for line in _read_rows(data, node_dir / "metrics.jsonl", lambda x: validate_metrics_line(x, expect_node=node)):
-        if line["round"] in per_node:
-            data.duplicate_lines += 1
-            continue
-        per_node[line["round"]] = line
+    _by_round(data, node_dir / "metrics.jsonl", lambda x: validate_metrics_line(x, expect_node=node), per_node)
     if per_node:
         data.metrics[node] = per_node
+    evals: dict[int, dict] = {}
+    _by_round(data, node_dir / EVALS_FILE, lambda x: eval_line(x, expect_node=node), evals)
+    if evals:
+        data.evals[node] = evals
     events = _read_rows(data, node_dir / "training_events.jsonl", _event_line(node))
     if events:
         data.events[node] = events
-    for line in _read_rows(data, node_dir / SWITCH_FILE, lambda x: switch_line(x, expect_node=node)):
-        checked = switch_line(line)
-        if checked["round"] in data.switches:
-            data.duplicate_lines += 1
-            continue
-        data.switches[checked["round"]] = checked
+    _by_round(data, node_dir / SWITCH_FILE, lambda x: switch_line(x, expect_node=node), data.switches)
 
 
 def _node_dirs(data: ExperimentData) -> list[Path]:

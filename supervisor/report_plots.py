@@ -6,7 +6,10 @@ workers of each worker's own moving average) and ``cumulative_reward.png``. Per 
 ``<name>/``: ``reward_per_node.png`` (restarts marked), ``groups.png`` (local vs external groups used per
 round), ``round_time.png`` (stacked phase timings and the round switch into each round; below, the switch in
 ms: detect and start stacked, its p50 and p99), ``gpu_memory.png`` (when the metrics carry
-``gpu_peak_bytes``; restarts marked). Definitions of the numbers: :mod:`supervisor.report_table`. This
+``gpu_peak_bytes``; restarts marked), ``eval_accuracy.png`` (when the workers ran held-out evals: one panel per
+task, a line per node over the eval rounds, an open marker where an eval ran out of time), and, comparing
+the experiments that have evals, ``eval_accuracy_mean.png`` in the output directory (mean over tasks and nodes
+per eval round). Definitions of the numbers: :mod:`supervisor.report_table`. This
 module never imports torch.
 """
 
@@ -192,6 +195,68 @@ def plot_gpu_memory(data: ExperimentData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_eval_per_task(data: ExperimentData, path: Path) -> Path | None:
+    """Held-out accuracy per task (one panel each) and node over the eval rounds; None without evals."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    accuracy = data.eval_accuracy()
+    if not accuracy:
+        return None
+    columns = min(3, len(accuracy))
+    rows = -(-len(accuracy) // columns)
+    fig = Figure(figsize=(3.2 * columns + 1.6, 2.6 * rows + 0.6), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).flatten()
+    colors = {node: f"C{i % 10}" for i, node in enumerate(sorted(data.evals))}
+    for ax, (task, per_node) in zip(axes, accuracy.items()):
+        for node, points in per_node.items():
+            rounds = sorted(points)
+            ax.plot(rounds, [points[r] for r in rounds], color=colors[node], linewidth=1, label=node)
+            complete = [data.evals[node][r]["tasks"][task]["complete"] for r in rounds]
+            ax.scatter(rounds, [points[r] for r in rounds], s=14, color=colors[node], zorder=3,
+                       facecolors=[colors[node] if c else "none" for c in complete])
+        ax.set_title(task, fontsize="small")
+        ax.set_ylim(-0.05, 1.05)
+    for ax in axes[len(accuracy):]:
+        ax.set_axis_off()
+    for ax in axes[-columns:]:
+        ax.set_xlabel("round")
+    for ax in axes[::columns]:
+        ax.set_ylabel("pass@1 (greedy)")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{data.label}: held-out accuracy per task and node", fontsize="medium")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if any(not line["complete"] for per_node in data.evals.values() for line in per_node.values()):
+        handles.append(Line2D([], [], marker="o", color="grey", markerfacecolor="none", linestyle=""))
+        labels.append("eval cut by its time budget")
+    fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=min(4, len(labels)))
+    return _save(fig, path)
+
+
+def plot_eval_comparison(experiments: Sequence[ExperimentData], path: Path) -> Path | None:
+    """Mean held-out accuracy (over tasks, then nodes) per eval round, one line per experiment; None when no
+    experiment has evals."""
+    with_evals = [d for d in experiments if d.evals]
+    if not with_evals:
+        return None
+    fig, ax = _figure(8.0, 4.0)
+    for data in with_evals:
+        per_round: dict[int, list[float]] = {}
+        for per_node in data.evals.values():
+            for r, line in per_node.items():
+                values = [t["accuracy"] for t in line["tasks"].values() if t["accuracy"] is not None]
+                if values:
+                    per_round.setdefault(r, []).append(sum(values) / len(values))
+        rounds = sorted(per_round)
+        ax.plot(rounds, [sum(per_round[r]) / len(per_round[r]) for r in rounds], marker="o", markersize=3,
+                linewidth=1.5, label=_legend_label(data))
+    ax.set_ylim(-0.05, 1.05)
+    return _finish_by_round(fig, ax, path, outside=False, ylabel="held-out pass@1 (mean over tasks and nodes)",
+                            title="held-out accuracy (greedy)")
+
+
 def plot_moving_average(experiments: Sequence[ExperimentData], path: Path) -> Path:
     fig, ax = _figure()
     windows = set()
@@ -249,11 +314,14 @@ def experiment_plots(data: ExperimentData, directory: Path) -> list[Path]:
     drawn = [plot_reward_per_node(data, directory / "reward_per_node.png"),
              plot_groups(data, directory / "groups.png"),
              plot_round_time(data, directory / "round_time.png"),
-             plot_gpu_memory(data, directory / "gpu_memory.png")]
+             plot_gpu_memory(data, directory / "gpu_memory.png"),
+             plot_eval_per_task(data, directory / "eval_accuracy.png")]
     return [p for p in drawn if p is not None]
 
 
 def comparison_plots(experiments: Sequence[ExperimentData], out_dir: Path) -> list[Path]:
     """The figures comparing the experiments, written under ``out_dir``."""
-    return [plot_moving_average(experiments, out_dir / "reward_moving_average.png"),
-            plot_cumulative(experiments, out_dir / "cumulative_reward.png")]
+    drawn = [plot_moving_average(experiments, out_dir / "reward_moving_average.png"),
+             plot_cumulative(experiments, out_dir / "cumulative_reward.png"),
+             plot_eval_comparison(experiments, out_dir / "eval_accuracy_mean.png")]
+    return [p for p in drawn if p is not None]

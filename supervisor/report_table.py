@@ -23,6 +23,10 @@ Definitions (the numbers in ``report.md`` / ``report.json``):
   the previous round written to every worker having started this one, split into detect (until the
   coordinator wrote the next state) and start (from then until the last worker started); p50/p99 over
   every switch logged (linear interpolation). Older experiments did not log it: "not recorded".
+* **final eval accuracy**: held-out pass@1 with greedy decoding (``eval:``, :mod:`sapo.evaluate`), from each
+  worker's last line in ``evals.jsonl`` (the weights it ended with, or has now in a running experiment):
+  the mean over the tasks of its accuracy (tasks the line evaluated no question of left out), then the mean
+  over workers; per task, the mean over workers. An experiment without evals shows "–".
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ DEFINITION = ("cumulative reward = sum over rounds of the mean, over the workers
               "each worker's mean local reward (reward_local); cumulative (all nodes) = sum over rounds and "
               "workers, as the SAPO paper reports it; change vs J=0 compares cumulative rewards over the rounds "
               "both experiments recorded")
+EVAL_DEFINITION = ("Final eval accuracy: held-out pass@1 with greedy decoding (eval: in the config), each worker's "
+                   "last eval averaged over tasks, then over workers; – when the experiment recorded no eval.")
 
 
 def moving_window(rounds: int) -> int:
@@ -96,6 +102,9 @@ class ExperimentSummary:
     duplicate_lines: int
     round_s_p50: float | None = None
     round_switch: dict | None = None  # supervisor.switches.summarise_switches; None: not recorded
+    final_eval_accuracy: float | None = None  # None: no eval recorded
+    final_eval_by_task: dict | None = None  # task -> mean over workers of their last eval's accuracy
+    eval_rounds: int = 0  # distinct rounds any worker evaluated
     plots: tuple[str, ...] = ()
 
 
@@ -134,7 +143,28 @@ def summarise(data: ExperimentData, base: ExperimentData | None) -> dict:
         skipped_lines=data.skipped_lines, duplicate_lines=data.duplicate_lines,
         round_s_p50=percentile(list(round_seconds(data).values()), 50),
         round_switch=summarise_switches([data.switches[r] for r in sorted(data.switches)]),
+        **final_eval(data),
     )
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def final_eval(data: ExperimentData) -> dict:
+    """``final_eval_accuracy``, ``final_eval_by_task`` and ``eval_rounds`` (see the module docstring)."""
+    per_node, by_task = [], {}
+    for node, evals in sorted(data.evals.items()):
+        last = evals[max(evals)]["tasks"]
+        accuracies = {task: t["accuracy"] for task, t in last.items() if t["accuracy"] is not None}
+        for task, value in accuracies.items():
+            by_task.setdefault(task, []).append(value)
+        if accuracies:
+            per_node.append(_mean(list(accuracies.values())))
+    rounds = {r for evals in data.evals.values() for r in evals}
+    return dict(final_eval_accuracy=_mean(per_node),
+                final_eval_by_task={task: _mean(v) for task, v in sorted(by_task.items())} or None,
+                eval_rounds=len(rounds))
 
 
 def round_seconds(data: ExperimentData) -> dict[int, float]:
@@ -194,14 +224,14 @@ def _table(report: Report) -> list[str]:
     """The markdown table, one row per experiment; the change column only when there is a baseline."""
     with_change = report.baseline is not None
     head = ["experiment", "I", "J", "G", "workers", "rounds", "cumulative reward", "cumulative (all nodes)",
-            "mean / round", "final (last W)"] + (["change vs J=0"] if with_change else []) + ["restarts"]
+            "final eval accuracy", "mean / round", "final (last W)"] + (["change vs J=0"] if with_change else []) + ["restarts"]
     base_rounds = next((s.rounds for s in report.experiments if s.label == report.baseline), None)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in report.experiments:
         status = "" if s.finished else " (running or stopped)"
         cells = [f"{s.label}{status}", _known(s.num_train_samples), _known(s.num_transplant_trees),
                  _known(s.num_generations), str(s.workers), str(s.rounds), _fmt(s.cumulative_reward),
-                 _fmt(s.cumulative_reward_all_nodes), _fmt(s.mean_reward, 3),
+                 _fmt(s.cumulative_reward_all_nodes), _fmt(s.final_eval_accuracy, 3), _fmt(s.mean_reward, 3),
                  f"{_fmt(s.final_reward, 3)} (W={s.window})"]
         if with_change:
             cells.append(_change_cell(s, report, base_rounds))
@@ -242,12 +272,30 @@ def _round_time(report: Report) -> list[str]:
     return lines + [""]
 
 
+def _eval_section(report: Report) -> list[str]:
+    """Final eval accuracy per task and experiment (nothing when no experiment recorded an eval)."""
+    tasks = sorted({t for s in report.experiments for t in (s.final_eval_by_task or {})})
+    if not tasks:
+        return []
+    head = ["experiment", "eval rounds", *tasks, "mean"]
+    lines = ["## Held-out eval (final, per task)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in report.experiments:
+        by_task = s.final_eval_by_task or {}
+        cells = [s.label, str(s.eval_rounds), *(_fmt(by_task.get(t), 3) for t in tasks), _fmt(s.final_eval_accuracy, 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Pass@1 with greedy decoding on each task's held-out questions (eval.questions_per_task, "
+                    "seeds training never draws), from each worker's last eval, mean over workers; the plots "
+                    "<experiment>/eval_accuracy.png show every eval per task and node.", ""]
+
+
 def render_markdown(report: Report) -> str:
     """``report.md``: the table, the definitions, the round time, the warnings, the plots."""
     lines = ["# SAPO report", "", *_table(report), "", "Definitions: " + DEFINITION + ". Final (last W) is the "
-             "mean of the per-round means over the last W rounds, W being the moving-average window.", ""]
+             "mean of the per-round means over the last W rounds, W being the moving-average window. "
+             + EVAL_DEFINITION, ""]
     if report.baseline is None:
         lines += ["No experiment with J=0 (num_transplant_trees: 0) was given, so there is no change column.", ""]
+    lines += _eval_section(report)
     lines += _round_time(report)
     if report.warnings:
         lines += ["Warnings:", ""] + [f"- {w}" for w in report.warnings] + [""]

@@ -4,8 +4,10 @@ Checks (the seeds' validate_test_run): the final state reached max_rounds and fi
 snapshot, every peer file and every rollout/reward file parse (the node's own schemas); per worker, the
 training events parse, the metrics have exactly one line per round (bar rounds it logged as skipped), and
 every trained round has the worker's rollout file, unless retention removed that round without an
-archive to check it against. Files are read through :mod:`node.fsio` (capped, no symlinks, strict JSON);
-a symlinked round or stage directory is refused like a symlinked file, never entered. A refused file
+archive to check it against; with ``eval.every_rounds`` set (or an ``evals.jsonl`` present), the held-out
+eval lines parse, name trained rounds, never repeat one, and cover every K-th trained round and the last.
+Files are read through :mod:`node.fsio` (capped, no symlinks, strict JSON); a symlinked round or stage
+directory is refused like a symlinked file, never entered. A refused file
 (symlink, FIFO, device) or a line holding a number out of bounds (a 401-digit integer) is a finding in its
 check, never a traceback or a hang; names that are not the files a check reads (no ``.json`` suffix,
 hidden temp files) are ignored and change nothing.
@@ -25,8 +27,10 @@ from rich.table import Table
 
 from node import fsio
 from node.layout import ExperimentLayout, parse_round_dir, parse_stage_dir
+from node.records import evals_file
 from node.schemas import ConfigSnapshot, PeerRecord, RolloutFile, RoundResult, RoundState, validate_metrics_line
 from node.strict_json import parse_json_bytes
+from supervisor.report_data import eval_line
 from supervisor.terminal import MAX_MAGNITUDE, escape_controls, number_problem, styled
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -221,36 +225,59 @@ def events_check(layout: ExperimentLayout, worker: str) -> tuple[Check, set[int]
     return Check(name, not broken, _some(broken) if broken else f"{len(lines)} events"), skipped
 
 
-def metrics_check(layout: ExperimentLayout, worker: str, max_rounds: int, skipped: set[int]
-                  ) -> tuple[Check, list[int] | None]:
-    """One valid metrics line per round (bar skipped ones); the rounds trained (None: no metrics file)."""
-    name, path = f"{worker} metrics", layout.metrics_file(worker)
-    if not path.exists():
-        return Check(name, False, f"{layout.relative(path)} is missing"), None
-    trained: list[int] = []
+def _line_rounds(layout: ExperimentLayout, path: Path, check: Callable[[Any], dict]) -> tuple[list[int], list[str]]:
+    """(the round of every line ``check`` accepts, in file order; the problems: bad lines, an unreadable file,
+    rounds with more than one line)."""
+    rounds: list[int] = []
     problems = []
     try:
         for n, obj in fsio.iter_jsonl(path):
             problem = _line_problem(obj)
             if problem is None:
                 try:
-                    validate_metrics_line(obj, expect_node=worker)
+                    rounds.append(check(obj)["round"])
                 except ValueError as err:
                     problem = str(err)
             if problem:
                 problems.append(f"line {n}: {problem}")
-            else:
-                trained.append(obj["round"])
     except (OSError, fsio.BadFile) as err:
         problems.append(f"{layout.relative(path)}: {err}")
-    dups = sorted({r for r in trained if trained.count(r) > 1})
+    dups = sorted({r for r in rounds if rounds.count(r) > 1})
     if dups:
         problems.append(f"rounds with more than one line: {_ranges(dups)}")
+    return rounds, problems
+
+
+def metrics_check(layout: ExperimentLayout, worker: str, max_rounds: int, skipped: set[int]
+                  ) -> tuple[Check, list[int] | None]:
+    """One valid metrics line per round (bar skipped ones); the rounds trained (None: no metrics file)."""
+    name, path = f"{worker} metrics", layout.metrics_file(worker)
+    if not path.exists():
+        return Check(name, False, f"{layout.relative(path)} is missing"), None
+    trained, problems = _line_rounds(layout, path, lambda obj: validate_metrics_line(obj, expect_node=worker))
     missing = set(range(max_rounds)) - set(trained) - skipped
     if missing:
         problems.append(f"no line for rounds {_ranges(missing)}")
     detail = f"{len(trained)} lines, rounds {_ranges(trained)}" + (f", skipped {_ranges(skipped)}" if skipped else "")
     return Check(name, not problems, "; ".join(problems[:4]) if problems else detail), trained
+
+
+def evals_check(layout: ExperimentLayout, worker: str, every: int, trained: list[int]) -> Check | None:
+    """Held-out eval lines (:mod:`node.records`): valid, one per round, on trained rounds; with evals on
+    (``every`` > 0), one for every trained round r with (r + 1) % every == 0 and for the last trained round.
+    None when evals are off and the worker wrote none."""
+    name, path = f"{worker} evals", evals_file(layout, worker)
+    if not path.exists():
+        return None if every == 0 else Check(name, False, f"{layout.relative(path)} is missing")
+    rounds, problems = _line_rounds(layout, path, lambda obj: eval_line(obj, expect_node=worker))
+    untrained = set(rounds) - set(trained)
+    if untrained:
+        problems.append(f"lines for rounds never trained: {_ranges(untrained)}")
+    due = {r for r in trained if every and (r + 1) % every == 0} | ({max(trained)} if every and trained else set())
+    if due - set(rounds):
+        problems.append(f"no eval for rounds {_ranges(due - set(rounds))}")
+    return Check(name, not problems, "; ".join(problems[:4]) if problems else f"{len(rounds)} lines, rounds "
+                 f"{_ranges(rounds)}")
 
 
 def rollouts_check(worker: str, trained: list[int], present: set[int], pruned_below: int) -> Check:
@@ -290,6 +317,8 @@ def validate_experiment(config) -> list[Check]:
         checks += [events, metrics]
         if trained is not None:
             checks.append(rollouts_check(w, trained, rollouts.get(w, set()), below))
+            evals = evals_check(layout, w, config.eval.every_rounds, trained)
+            checks += [evals] if evals is not None else []
     return checks
 
 

@@ -328,6 +328,56 @@ def test_the_round_switch_beside_the_round_time_signed_and_plain_lines(two_exper
     assert_png(tmp_path / "out" / "toy-4loc0ext" / "round_time.png")
 
 
+def eval_line(node: str, rnd: int, accuracy: dict[str, float | None], *, n: int = 4, final: bool = False) -> dict:
+    tasks = {task: {"accuracy": a, "score": a, "n": 0 if a is None else n, "planned": n, "seconds": 0.5,
+                    "complete": a is not None} for task, a in accuracy.items()}
+    return {"node_id": node, "round": rnd, "timestamp": T0 + 10 * rnd, "final": final, "seconds": 1.0,
+            "complete": all(t["complete"] for t in tasks.values()), "tasks": tasks}
+
+
+def test_eval_accuracy_per_task_and_node_and_the_final_one_beside_cumulative_reward(two_experiments, tmp_path,
+                                                                                     capsys):
+    base, sapo = two_experiments
+    evals = {"worker_1": [eval_line("worker_1", 1, {"toy_copy": 0.25, "basic_arithmetic": 0.0}),
+                          eval_line("worker_1", 3, {"toy_copy": 0.75, "basic_arithmetic": 0.25}, final=True)],
+             "worker_2": [eval_line("worker_2", 1, {"toy_copy": 0.5, "basic_arithmetic": None}),  # cut: no arithmetic
+                          eval_line("worker_2", 3, {"toy_copy": 0.5, "basic_arithmetic": 0.5}, final=True)]}
+    layout = ExperimentLayout(sapo)
+    for node, lines in evals.items():  # signed lines (as a worker writes them), read without the key
+        store = SharedStore(layout, node_id=node, lock_dir=tmp_path / "locks", spool_dir=tmp_path / f"spool-{node}",
+                            signer=Signer(bytes(range(32))))
+        for line in lines:
+            store.append_jsonl(sapo / "logs" / node / "evals.jsonl", line)
+    with (sapo / "logs" / "worker_2" / "evals.jsonl").open("a") as fh:
+        fh.write(json.dumps(eval_line("worker_2", 3, {"toy_copy": 1.0, "basic_arithmetic": 1.0})) + "\n")  # repeated
+        fh.write(json.dumps(eval_line("worker_2", 5, {"toy_copy": 1.5})) + "\n")  # not an accuracy
+        fh.write(json.dumps(eval_line("worker_1", 7, {"toy_copy": 1.0})) + "\n")  # another node's line
+
+    data = load_experiment(sapo)
+    assert data.eval_accuracy() == {"basic_arithmetic": {"worker_1": {1: 0.0, 3: 0.25}, "worker_2": {3: 0.5}},
+                                    "toy_copy": {"worker_1": {1: 0.25, 3: 0.75}, "worker_2": {1: 0.5, 3: 0.5}}}
+    code, out, err = _report(capsys, base, sapo, out=tmp_path / "out")
+    assert code == 0 and err == ""
+    rows = {e["label"]: e for e in json.loads((tmp_path / "out" / "report.json").read_text())["experiments"]}
+    row = rows["toy-2loc2ext"]
+    # worker_1's last eval: (0.75 + 0.25) / 2 = 0.5; worker_2's: 0.5 -> 0.5
+    assert row["final_eval_accuracy"] == pytest.approx(0.5) and row["eval_rounds"] == 2
+    assert row["final_eval_by_task"] == {"basic_arithmetic": pytest.approx(0.375), "toy_copy": pytest.approx(0.625)}
+    assert rows["toy-4loc0ext"]["final_eval_accuracy"] is None and rows["toy-4loc0ext"]["eval_rounds"] == 0
+    assert "| toy-2loc2ext | 2 | 2 | 4 | 2 | 4 | 1.80 | 3.60 | 0.500 |" in out  # beside cumulative reward
+    assert "| toy-4loc0ext | 4 | 0 | 4 | 2 | 4 | 0.80 | 1.60 | – |" in out  # no evals: still reported
+    assert "| toy-2loc2ext | 2 | 0.375 | 0.625 | 0.500 |" in out and "| toy-4loc0ext | 0 | – | – | – |" in out
+    assert "skipped logs/worker_2/evals.jsonl: 2 line(s) left out; the first, line 4: tasks.toy_copy.accuracy: " \
+           "not a number in [0, 1] or null (1.5)" in out
+    assert "toy-2loc2ext: ignored 1 repeated (node, round) line(s)" in out
+    assert_png(tmp_path / "out" / "toy-2loc2ext" / "eval_accuracy.png")
+    assert_png(tmp_path / "out" / "eval_accuracy_mean.png")
+    assert not (tmp_path / "out" / "toy-4loc0ext" / "eval_accuracy.png").exists()
+    # Runs without any eval: no eval plot, no eval section, the column shows –.
+    code, out, _ = _report(capsys, base, out=tmp_path / "plain")
+    assert code == 0 and "Held-out eval" not in out and not (tmp_path / "plain" / "eval_accuracy_mean.png").exists()
+
+
 def test_moving_average_helpers():
     assert [moving_window(n) for n in (1, 4, 10, 100, 120, 999, 1000, 2000)] == [1, 1, 1, 10, 12, 100, 100, 100]
     # Trailing window over round numbers, partial at the start, gaps allowed.
@@ -338,7 +388,7 @@ def test_moving_average_helpers():
 @pytest.mark.slow
 @pytest.mark.timeout(Timeouts.of(CONFIG, "experiment.max_rounds=4").budget(rounds=4))
 def test_report_on_a_real_two_worker_swarm(make_swarm, tmp_path):
-    swarm = make_swarm("experiment.max_rounds=4")
+    swarm = make_swarm("experiment.max_rounds=4", "eval.every_rounds=2", "eval.questions_per_task=4")
     for node in swarm.names:
         swarm.start_node(node)
     for node in swarm.names:
@@ -355,5 +405,10 @@ def test_report_on_a_real_two_worker_swarm(make_swarm, tmp_path):
     assert sw is not None and 1 <= sw["rounds"] <= 3 and sw["switch_ms"]["p50"] is not None, sw
     assert sw["switch_ms"]["p50"] <= sw["switch_ms"]["p99"]
     assert f"| {row.label} | {row.round_s_p50:.2f} | {sw['switch_ms']['p50']:.1f} / " in report.markdown.read_text()
+    # Held-out evals after rounds 1 and 3 (the end), 4 questions per task, by both workers.
+    assert row.eval_rounds == 2 and row.final_eval_accuracy is not None and 0.0 <= row.final_eval_accuracy <= 1.0
+    assert set(row.final_eval_by_task) == {"toy_copy", "basic_arithmetic"}
+    assert f"{row.final_eval_accuracy:.3f} |" in report.markdown.read_text()
+    assert (tmp_path / "report" / row.label / "eval_accuracy.png") in report.plots
     for path in report.plots:
         assert_png(path)
