@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import signal
@@ -175,6 +176,26 @@ def cmd_systemd_unit(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    config, _ = _load(args)
+    # A refusal is this command's one error line; the store's warnings about it go nowhere (not to stderr).
+    configure_logging(None, console="none", handlers=(logging.NullHandler(),))
+    import transformers  # torch and transformers: only for this command
+
+    from node.export import ExportError, export_checkpoint
+
+    transformers.utils.logging.set_verbosity_error()  # one line of our own, no progress bars
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        done = export_checkpoint(config, args.node, out=args.out, round_=args.round, key_file=args.key_file,
+                                 force=args.force)
+    except ExportError as err:
+        raise CommandError(str(err)) from None
+    print(f"Exported {done.node} round {done.round} ({done.model}, {done.dtype}, sha256 {done.sha256[:12]}) "
+          f"to {done.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 def _command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
@@ -215,7 +236,7 @@ def _run_commands(sub) -> None:
 
 
 def _file_commands(sub) -> None:
-    """validate, config, systemd-unit, report: files about the experiment."""
+    """validate, config, systemd-unit, export, report: files about the experiment."""
     _command(sub, "validate", cmd_validate, "check a finished experiment directory (pass/fail table)",
              "Check that the state reached max_rounds and finished, that every worker has one metrics line per "
              "round, rollout files for every round it trained and training events, and that every file parses. "
@@ -229,6 +250,18 @@ def _file_commands(sub) -> None:
                  "scripts/install_service.sh installs it.")
     p.add_argument("--user", help="User= of the service (default: you)")
     p.add_argument("--name-only", action="store_true", help="print only the unit's file name")
+    p = _command(sub, "export", cmd_export, "write one node's checkpoint as a Hugging Face model directory",
+                 "Take NODE's newest checkpoint listed in its signed index (or --round R), check its size, sha256, "
+                 "zip archive and tensor shapes, load it into the model the worker builds (model.name, dtype) and "
+                 "write it with save_pretrained, tokenizer included, plus sapo_export.json (where it came from). "
+                 "AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it.")
+    p.add_argument("--node", required=True, metavar="ID", help="the worker whose model to export, e.g. worker_1")
+    p.add_argument("--round", type=int, metavar="R", help="this round's checkpoint (it must be listed in the index)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the directory to write (new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a DIR that is not empty")
+    p.add_argument("--key-file", metavar="PATH",
+                   help="the experiment key (default as the nodes: env SWARM_KEY, SWARM_KEY_FILE, then "
+                   "<runtime dir>/swarm.key)")
     from supervisor import report  # matplotlib is imported lazily, only when a report is drawn
 
     p = sub.add_parser("report", help="plots and a cumulative-reward table comparing experiments",
