@@ -116,9 +116,9 @@ class Worker:
         """Train until the coordinator's final state; returns the process exit code."""
         try:
             self.resume()
+            self.warmup()
             if self.eval_due(self.last_done):  # an eval a crash or stop cut short: the weights are its round's
                 self.evaluate(self.last_done)
-            self.warmup()
             while True:
                 state = self.wait_for_round()
                 self.log_skipped(state.round)

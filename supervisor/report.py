@@ -23,8 +23,9 @@ from supervisor.report_plots import comparison_plots, experiment_plots
 from supervisor.report_table import ExperimentSummary, Report, render_markdown, report_json, summarise
 from supervisor.terminal import escape_controls
 
-DESCRIPTION = ("Plots and a table of cumulative reward per configuration (change vs the J=0 one) for SAPO "
-               "experiments, given as config files or experiment directories; works on running experiments.")
+DESCRIPTION = ("Plots and a table of cumulative reward per configuration (change vs the J=0 one; final held-out "
+               "eval accuracy when the workers ran evals) for SAPO experiments, given as config files or experiment "
+               "directories; works on running experiments.")
 
 
 def _unique_dirnames(labels: Iterable[str]) -> list[str]:

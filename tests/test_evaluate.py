@@ -205,6 +205,17 @@ def test_a_worker_writes_one_eval_line_per_round_none_repeated_after_a_restart(t
     # nor does one that lost its checkpoint and trains round 0 again.
     again = _worker(tmp_path, config)
     assert again.run() == EXIT_FINISHED
+    assert _lines(worker) == lines
+    # Killed during round 2's eval (its line never written): the restart makes it up, once.
+    path = evals_file(worker.layout, "worker_1")
+    path.write_text("".join(x + "\n" for x in path.read_text().splitlines()[:2]))
+    assert _worker(tmp_path, config).run() == EXIT_FINISHED
+    made_up = _lines(worker)
+    assert made_up[:2] == lines[:2] and (made_up[2]["round"], made_up[2]["final"]) == (2, True)
+    untimed = [{t: {k: v for k, v in score.items() if k != "seconds"} for t, score in x["tasks"].items()}
+               for x in (made_up[2], lines[2])]
+    assert untimed[0] == untimed[1]  # greedy: the same answers from the same weights
+    lines = made_up
     lost = _worker(tmp_path, config)
     lost.run_round(0)
     assert lost.evaluate(0) is None and lost.evaluate(2, final=True) is None
