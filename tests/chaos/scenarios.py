@@ -187,8 +187,8 @@ class Chaos:
         self.swarms: list[Swarm] = []
         self.started = time.monotonic()
 
-    def swarm(self, sub: str = "", *, env: dict | None = None) -> Swarm:
-        """A swarm as the scenario declares it, in ``workdir/sub``."""
+    def swarm(self, sub: str = "", *, env: dict | None = None, sets: tuple[str, ...] = ()) -> Swarm:
+        """A swarm as the scenario declares it, in ``workdir/sub`` (``sets`` on top: they win)."""
         if self.scenario.fake is not None:
             from fake_node import config_yaml
 
@@ -198,7 +198,8 @@ class Chaos:
             run = Swarm(self.workdir / sub, config=config, tracker=self.tracker,
                         env={"SWARM_NODE_COMMAND": f"{PY} {FAKE_NODE}", **(env or {})})
         else:
-            run = Swarm(self.workdir / sub, *self.scenario.sets_for(quick=self.quick), env=env, tracker=self.tracker)
+            run = Swarm(self.workdir / sub, *self.scenario.sets_for(quick=self.quick), *sets, env=env,
+                        tracker=self.tracker)
         self.swarms.append(run)
         return run
 
@@ -385,11 +386,17 @@ def _fmt_s(values: list[float]) -> str:
 
 # --------------------------------------------------------------------------- 1. kill storm
 
-@scenario("Kill storm: workers, coordinator, supervisor (SIGKILL)", rounds=(12, 40), end=End(validate=True),
+KILL_STORM_ROUNDS_AFTER = 4  # rounds the relaunched swarm trains to the end
+
+
+@scenario("Kill storm: workers, coordinator, supervisor (SIGKILL)", rounds=(1000, 1000), end=End(validate=True),
           launches=2, restarts=(6 + 1, 20 + 1))
 def kill_storm(c: Chaos):
     """SIGKILL a random RUNNING worker every few seconds, then the coordinator, then the supervisor
-    (followed by a new `swarm launch`): the run finishes with nothing lost or duplicated."""
+    (followed by a new `swarm launch`): the run finishes with nothing lost or duplicated. Rounds of the tiny
+    model take a fraction of a second, so the storm runs in an experiment of 1000 rounds and the relaunch
+    sets ``max_rounds`` to the round it resumes plus :data:`KILL_STORM_ROUNDS_AFTER` (max_rounds is not an
+    identity field): a run of a fixed length would be over before the storm."""
     kills, interval = (6, 3.0) if c.quick else (20, 4.0)
     fig = c.fig
     fig.faults = (f"{kills} × SIGKILL a random worker every {interval:g} s, 1 × coordinator, 1 × supervisor "
@@ -443,11 +450,13 @@ def kill_storm(c: Chaos):
     fig.check(not orphans, f"nodes outlived the SIGKILLed supervisor: {orphans}")
     fig.details["nodes dead after supervisor kill"] = f"{time.monotonic() - t_sup:.2f} s"
     round_at_kill = run.state_round()
-    fig.details["supervisor killed in round"] = f"{round_at_kill} of {c.max_rounds}"
+    c.max_rounds = round_at_kill + KILL_STORM_ROUNDS_AFTER
+    fig.details["supervisor killed in round"] = f"{round_at_kill}, relaunched to end at {c.max_rounds}"
     t_relaunch = time.time()
+    run = c.swarm(sets=(f"experiment.max_rounds={c.max_rounds}",))  # the same experiment, to its end
     run.launch()
-    run.wait_for(lambda: run.state_round() > round_at_kill or (run.state() or {}).get("finished"),
-                 t.budget(rounds=1), "the relaunched swarm to advance a round")
+    run.wait_for(lambda: run.state_round() > round_at_kill, run.t.budget(rounds=1),
+                 "the relaunched swarm to advance a round")
     fig.details["relaunch → next round"] = f"{time.time() - t_relaunch:.1f} s"
     yield run
     fig.details["worker kills"] = Counter(v for v, _, _ in victims)
@@ -788,6 +797,7 @@ def check_logs(c: Chaos, run: Swarm, *, planted: int, restarts: int = 0) -> str:
     every (node, event, reason kind) actually warned about, in every window the run lasted. One warning per
     poll per planted file, the unbounded behaviour, would be ``planted`` times the polls: the figure
     returned compares the three."""
+    from node.mounts import poll_interval
     from node.warn_once import DEFAULT_BUDGET, DEFAULT_WINDOW_S, reason_kind
 
     elapsed = time.monotonic() - c.started
@@ -802,7 +812,7 @@ def check_logs(c: Chaos, run: Swarm, *, planted: int, restarts: int = 0) -> str:
     rounds = run.config.experiment.max_rounds
     bound = (len(run.names) * (rounds + restarts + 2) * ROUND_LOG_BYTES
              + len(groups) * windows * (DEFAULT_BUDGET + 1) * LOG_LINE_BYTES)
-    polls = elapsed / run.config.coordinator.poll_interval_s
+    polls = elapsed / poll_interval(run.config)
     per_poll = len(run.names) * polls * max(planted, 1) * PER_POLL_LINE_BYTES
     biggest = max(sizes, key=sizes.get) if sizes else "-"
     c.fig.check(total <= bound, f"logs {total} bytes > bound {bound} (largest {biggest}: {sizes.get(biggest)})")
@@ -943,7 +953,7 @@ def overwrite_after_publish(run: Swarm, worker: str, rounds: range, toy_group: l
 SIGNATURE_REASONS = ("unsigned", "bad signature")
 
 
-@scenario("Malicious peer files in a live swarm", rounds=(8, 20), sets=("sapo.num_transplant_trees=8",))
+@scenario("Malicious peer files in a live swarm", rounds=(10, 22), sets=("sapo.num_transplant_trees=8",))
 def malicious_peer_files(c: Chaos):
     """Hostile peer files in a live swarm. Planted by an outsider (no key) under names no peer record vouches
     for: never read. Written by an outsider over a real worker's file right after it publishes: refused
@@ -961,7 +971,7 @@ def malicious_peer_files(c: Chaos):
     run.wait_for(lambda: run.state_round() >= 1 and _first_toy_group(run.exp, range(run.state_round() + 1)),
                  run.t.budget(rounds=2), "a toy_copy group published in the live swarm")
     toy, _ = _first_toy_group(run.exp, range(run.state_round() + 1))
-    first = run.state_round() + 2
+    first = run.state_round() + 3  # rounds take a fraction of a second: room for the planting
     planted = {}
     for r in range(first, max_rounds):
         planted[r] = plant_hostile_files(run.exp, r, outside.dir, toy, holder)

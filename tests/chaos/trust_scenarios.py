@@ -104,7 +104,7 @@ def _kill_coordinator_while(run: Swarm, forge) -> float:
     return time.monotonic() - t_kill
 
 
-@scenario("Forged state and config (no key), coordinator SIGKILLed while forged", rounds=(14, 30), restarts=(2, 2))
+@scenario("Forged state and config (no key), coordinator SIGKILLed while forged", rounds=(30, 60), restarts=(2, 2))
 def forged_state(c: Chaos):
     """An outsider rewrites ``state/current_state.json``: finished early, a far-future round, round 2**62, a
     newer schema, junk, a made-up signature, an old signed copy replayed. The coordinator rewrites each
@@ -186,7 +186,7 @@ def _newest_listed(run: Swarm, worker: str) -> int:
     return max(rounds, default=-1)
 
 
-@scenario("Own paths taken (no key): FIFO, directory, hard link, planted checkpoints + SIGKILL", rounds=(10, 24),
+@scenario("Own paths taken (no key): FIFO, directory, hard link, planted checkpoints + SIGKILL", rounds=(30, 60),
           restarts=(1, 1))
 def own_paths(c: Chaos):
     """Before the launch an outsider plants, at paths the nodes will write: a FIFO at worker_1's
@@ -311,7 +311,7 @@ def plant_volume(exp: Path, max_rounds: int, now: float) -> int:
     return n + 1
 
 
-@scenario("Planted results, future-dated and 5 000 fake peer records, junk names (no key)", rounds=(10, 24))
+@scenario("Planted results, future-dated and 5 000 fake peer records, junk names (no key)", rounds=(20, 40))
 def planted_files(c: Chaos):
     """Before the launch an outsider plants results for every round (so a coordinator that trusted them
     would race to max_rounds untrained), 5 000 fake peer records dated a year ahead (liveness by the
