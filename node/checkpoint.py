@@ -33,7 +33,7 @@ import stat
 import struct
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Mapping
 
@@ -133,6 +133,7 @@ class Restored:
 
     round: int  # the last round whose training step is inside the weights
     path: str
+    extra: dict = field(default_factory=dict)  # what save_checkpoint's ``extra`` held ({} for older files)
 
 
 def _rng_state() -> dict:
@@ -154,9 +155,10 @@ def _as_tuple(x):
 
 
 def save_checkpoint(store: SharedStore, layout: ExperimentLayout, node_id: str, round_: int, model, optimizer,
-                    *, keep_last: int) -> bool:
+                    *, keep_last: int, extra: dict | None = None) -> bool:
     """Write this node's checkpoint for ``round_`` atomically, list it in our index, and prune to the last
-    ``keep_last`` listed ones (the one just written always stays).
+    ``keep_last`` listed ones (the one just written always stays). ``extra``: plain values (numbers, strings,
+    dicts, lists) a learner wants back on resume (:attr:`Restored.extra`), e.g. adaptive I/J's state.
 
     Returns False when the shared directory refused it (the previous checkpoints and the index are intact
     and the error is logged); training goes on and the next checkpoint tries again.
@@ -169,6 +171,7 @@ def save_checkpoint(store: SharedStore, layout: ExperimentLayout, node_id: str, 
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "rng": _rng_state(),
+        "extra": dict(extra or {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -402,11 +405,13 @@ def load_latest_checkpoint(store: SharedStore, layout: ExperimentLayout, node_id
         path = layout.checkpoint_file(round_, node_id)
         try:
             data = _read_checked(store, path, entry, max_bytes)
-            _apply(model, optimizer, _load_payload(data, node_id, round_, max_bytes), snapshot)
+            payload = _load_payload(data, node_id, round_, max_bytes)
+            _apply(model, optimizer, payload, snapshot)
         except Exception as err:  # noqa: BLE001 - any failure means: try the previous checkpoint
             log.warning("checkpoint_unusable", round=round_, path=layout.relative(path),
                         error=f"{type(err).__name__}: {err}"[:300])
             continue
         log.info("checkpoint_restored", round=round_)
-        return Restored(round=round_, path=str(path))
+        extra = payload.get("extra")
+        return Restored(round=round_, path=str(path), extra=extra if isinstance(extra, dict) else {})
     return None

@@ -74,6 +74,8 @@ class Worker:
                                           self.learner.optimizer, max_bytes=4 * params + (64 << 20))
         if restored is not None:
             self.last_done = self.last_checkpoint = restored.round
+            if self.learner.adaptive is not None and isinstance(restored.extra.get("adaptive_ij"), dict):
+                self.learner.adaptive.load_state_dict(restored.extra["adaptive_ij"])
             self.records.event("resumed", round=restored.round)
         else:
             self.records.event("started")
@@ -82,8 +84,9 @@ class Worker:
         """Checkpoint the last completed round (once)."""
         if self.last_done < 0 or self.last_checkpoint == self.last_done:
             return
+        extra = {"adaptive_ij": self.learner.adaptive.state_dict()} if self.learner.adaptive is not None else {}
         ok = save_checkpoint(self.store, self.layout, self.node_id, self.last_done, self.learner.model,
-                             self.learner.optimizer, keep_last=self.config.checkpoint.keep_last)
+                             self.learner.optimizer, keep_last=self.config.checkpoint.keep_last, extra=extra)
         if ok:
             self.last_checkpoint = self.last_done
             self.records.event("checkpoint", round=self.last_done)
@@ -245,6 +248,9 @@ class Worker:
         self.store.publish(self.layout.reward_file(round_, STAGE, self.node_id), result.to_json(), durable="later")
         metrics = metrics_line(local, selection, rejected, published, gen, stats, timings)
         metrics["files_rejected"] = self._rejections_since_last_round()
+        if self.learner.adaptive is not None:  # I/J moved by the reward trend: this round's and the next's
+            metrics["adaptive_ij"] = {"used": [len(local), self.learner.split[1]],
+                                      "next": list(self.learner.adapt(mean_reward(local + selection.groups)))}
         self.records.metrics(round_, metrics)
         if metrics["oom_halvings"]:
             log.warning("out_of_memory_recovered", halvings=metrics["oom_halvings"], generate_calls=gen.calls,

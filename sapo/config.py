@@ -117,6 +117,13 @@ class SapoConfig:
         "lean (sapo/decode.py: each prompt prefilled once, then one token per step without generate's overhead; the "
         "same tokens bit for bit, and generate wherever it cannot be); auto = lean on a CPU unless compile_generate "
         "is on, generate elsewhere")
+    adaptive_ij: Bool = Field(
+        False, description="adapt the I/J split every round by the reward trend (J += alpha * (R - EMA(R)), I + J "
+        "constant, I >= 1; the seeds' fork); logged per round in the metrics line (num_train_samples_used, "
+        "num_transplant_trees_used)")
+    adaptive_ij_alpha: Float = Field(2.0, gt=0.0, description="adaptive_ij: groups of J per unit of reward above "
+                                     "its running average")
+    adaptive_ij_beta: Float = Field(0.9, gt=0.0, lt=1.0, description="adaptive_ij: the running average's decay")
     warmup: AutoBool = Field(
         "auto", description="before the first round, one worst-case generate + loss/backward (no optimizer step), "
         "so an out-of-memory shows at start-up; auto = on for CUDA, off for CPU")

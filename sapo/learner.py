@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 import torch
 
+from sapo.adaptive import AdaptiveIJ
 from sapo.batch import (
     TrainBatch,
     build_batch,
@@ -106,6 +107,23 @@ class SapoLearner:
                                       self.config.oom_regrow_rounds)
         self.generate_split = GenerateSplit(self.config.oom_regrow_rounds)
         self._static_caches: dict[int, object] = {}  # rows -> the KV cache reused by every compiled generate
+        # I and J of the next round: the config's, or moved by the reward trend (sapo.adaptive)
+        total = self.config.num_train_samples + self.config.num_transplant_trees
+        self.adaptive = (AdaptiveIJ(total=total, j=self.config.num_transplant_trees, alpha=config.adaptive_ij_alpha,
+                                    beta=config.adaptive_ij_beta) if config.adaptive_ij else None)
+
+    @property
+    def split(self) -> tuple[int, int]:
+        """(I, J) for the next round."""
+        if self.adaptive is None:
+            return self.config.num_train_samples, self.config.num_transplant_trees
+        return self.adaptive.split
+
+    def adapt(self, reward: float) -> tuple[int, int]:
+        """Feed a round's mean training reward to adaptive I/J (when on); the (I, J) of the next round."""
+        if self.adaptive is not None:
+            self.adaptive.update(reward)
+        return self.split
 
     def autocast(self):
         """The mixed-precision context for forward passes (a no-op context when off)."""
@@ -119,7 +137,7 @@ class SapoLearner:
     # --- local groups -------------------------------------------------------------------------------
     def sample_questions(self, node_id: str, round_: int) -> list[Question]:
         """The I questions of this node and round: the same on every run and after a restart."""
-        return self.bank.sample(self.experiment_seed, node_id, round_, self.config.num_train_samples)
+        return self.bank.sample(self.experiment_seed, node_id, round_, self.split[0])
 
     def prompt_for(self, question_text: str) -> str:
         """The prompt text every node builds for a question (peers' prompts are checked against it)."""
@@ -227,7 +245,7 @@ class SapoLearner:
     def select_external(self, shared: list[SharedGroup], own_id: str, rng: random.Random) -> Selection:
         """J external groups from peers' shared groups (never our own), re-scored locally."""
         return select_external(
-            shared, own_id=own_id, count=self.config.num_transplant_trees, rng=rng, rebuild=self.rebuild_external
+            shared, own_id=own_id, count=self.split[1], rng=rng, rebuild=self.rebuild_external
         )
 
     # --- the GRPO step ------------------------------------------------------------------------------

@@ -48,3 +48,22 @@ def test_state_round_trips_and_untrusted_state_is_clamped():
     assert b.split == (1, 3)
     with pytest.raises(ValueError):
         AdaptiveIJ(total=0, j=0)
+
+
+def test_a_worker_logs_its_split_and_a_restart_continues_the_trajectory(tmp_path):
+    """In-process worker on the tiny model: each metrics line carries the split used and the next one; the
+    controller's state rides in the checkpoint, so a restarted worker goes on from where it was."""
+    from test_node_worker import _config, _worker
+
+    config = _config(tmp_path, "sapo.adaptive_ij=true", "sapo.adaptive_ij_alpha=8", "sapo.num_transplant_trees=1")
+    worker = _worker(tmp_path, config=config)
+    for r in range(3):
+        line = worker.run_round(r)
+        worker.last_done = r
+        used, nxt = line["adaptive_ij"]["used"], line["adaptive_ij"]["next"]
+        assert sum(used) == sum(nxt) == 3 and nxt[0] >= 1
+    worker.checkpoint()
+    state = worker.learner.adaptive.state_dict()
+    again = _worker(tmp_path, config=config)
+    again.resume()
+    assert again.last_done == 2 and again.learner.adaptive.state_dict() == state
