@@ -99,6 +99,8 @@ def _logits_processors(prompt_width: int, *, temperature: float, top_p: float, e
         procs.append(MinNewTokensLengthLogitsProcessor(prompt_width, min_new_tokens, eos_id, device=device))
     if suppress:
         procs.append(_Suppress(suppress, device))
+    if temperature == 0:
+        return procs  # greedy: generate(do_sample=False) applies no warpers
     if temperature != 1.0:
         procs.append(TemperatureLogitsWarper(temperature))
     if top_p < 1.0:
@@ -163,8 +165,11 @@ def lean_sample(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, *
             so_far = seqs[:, : Lp + t]  # (B, Lp + t): the ids generate's processors see
             for proc in procs:
                 scores = proc(so_far, scores)
-        probs = F.softmax(scores, dim=-1)
-        tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B,)
+        if temperature == 0:  # greedy, as generate(do_sample=False): the argmax, no random draw
+            tokens = scores.argmax(dim=-1)  # (B,)
+        else:
+            probs = F.softmax(scores, dim=-1)
+            tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B,)
         if eos_id is not None:  # generate pads rows that already stopped, and only when it knows an EOS
             tokens = torch.where(unfinished, tokens, pad)
             unfinished &= tokens != eos_id

@@ -24,10 +24,9 @@ format bonus; it counts as correct when that reward is 1 (exact match: reasoning
 gives 1.0 for a correct answer, partial credit below it). ``accuracy`` is the share of correct answers
 among the questions evaluated, ``score`` their mean reward.
 
-Greedy through the sampling API: :func:`sapo.rollouts.sample_completions` always samples, so we ask it
-for nucleus sampling with ``top_p`` = :data:`GREEDY_TOP_P` at temperature 1: the nucleus then holds only
-the most likely token (transformers' top-p warper always keeps at least one), so every step takes the
-argmax and the RNG has nothing to choose. The global RNG state is restored afterwards.
+Greedy through the sampling API: :func:`sapo.rollouts.sample_completions` with ``temperature=0`` takes the
+argmax at every step (``generate(do_sample=False)``, or the lean loop's argmax: the same tokens), so the RNG
+has nothing to choose. The global RNG state is restored afterwards all the same.
 
 The time budget
 ---------------
@@ -51,15 +50,13 @@ from sapo.oom import retry_on_oom
 from sapo.rollouts import encode_prompt, max_positions, sample_completions
 from sapo.tasks import DATASET_SIZE, Question, TaskBank, TaskRef, build_prompt, dataset_size
 
-__all__ = ["EVAL_SEED_HIGH", "EVAL_SEED_LOW", "GREEDY_TOP_P", "EvalResult", "TaskScore", "evaluate",
+__all__ = ["EVAL_SEED_HIGH", "EVAL_SEED_LOW", "EvalResult", "TaskScore", "evaluate",
            "eval_dataset_seed", "generator_seed", "heldout_questions", "heldout_refs", "is_correct"]
 
 # Training's generator seeds lie below 2**31 + DATASET_SIZE (see the module docstring); ours start above.
 EVAL_SEED_LOW = 2**31 + DATASET_SIZE
 # seed + index must stay below 2**32 (numpy's seeds).
 EVAL_SEED_HIGH = 2**32 - DATASET_SIZE
-# Nucleus sampling with this top-p keeps only the most likely token: greedy decoding.
-GREEDY_TOP_P = 1e-9
 
 
 def eval_dataset_seed(eval_seed: int, name: str) -> int:
@@ -170,7 +167,7 @@ def evaluate(model, tokenizer, bank: TaskBank, questions: Sequence[Question], *,
                 with autocast():
                     return sample_completions(
                         model, tokenizer, prompt_ids[done:done + size[0]], num_generations=1,
-                        max_new_tokens=max_new_tokens, temperature=1.0, top_p=GREEDY_TOP_P, decode=decode)
+                        max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, decode=decode)
 
             sampled = retry_on_oom(attempt, lambda: _halve(size), _free_cache)
             batch = questions[done:done + len(sampled)]

@@ -153,6 +153,7 @@ def sample_completions(
     from round to round, so on CUDA transformers compiles the decoding step once (its auto-compile for static
     caches) and the CUDA graphs recorded for it stay valid.
     ``min_new_tokens``: never stop before that many tokens (the start-up warm-up's worst case).
+    ``temperature=0``: greedy decoding (the argmax at every step; ``top_p`` and the seed do not matter).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -191,15 +192,16 @@ def _generate(model, prompt_ids, *, num_generations, max_new_tokens, temperature
         extra[_cache_argument()] = cache
     if min_new_tokens:
         extra["min_new_tokens"] = min_new_tokens
+    if temperature == 0:  # greedy: the argmax at every step
+        sampling = dict(do_sample=False)
+    else:  # pure temperature/nucleus sampling; transformers defaults top_k to 50
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,  # pure temperature/nucleus sampling; transformers defaults top_k to 50
+            **sampling,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=eos_id,

@@ -62,6 +62,12 @@ def test_same_tokens_as_generate_for_left_padded_prompts(temperature, top_p):
     assert all(len(ids) == 16 for g in got for ids, _ in g)
 
 
+def test_temperature_zero_is_greedy_on_both_loops_and_draws_nothing():
+    model, tok = _eos_prone(seed=8, alpha=3)
+    got = _assert_same(model, tok, _prompts(tok), temperature=0.0)  # the generator is left as generate leaves it
+    assert all(g[0] == c for g in got for c in g)  # greedy: the G completions of a prompt are identical
+
+
 def test_same_tokens_as_generate_for_prompts_of_one_length():
     model, tok = build_tiny_gpt2(seed=6)
     prompts = _prompts(tok, ["abc", "xyz"])
