@@ -10,6 +10,11 @@ switch was logged has no switches), and a repeated (node, round) line keeps its 
 one the worker wrote when it trained that round). Signed lines are read without the key: the ``hmac``
 key is ignored like any key the report does not use.
 
+Every host's workers are read: each ``logs/<id>/`` whose name is a node id (another host's
+``<host>-worker_1`` too), names that look like the ids supervisors give first, at most :data:`MAX_NODES`
+(the rest counted in one note), and each worker's host from its peer record (``peers/<id>.json``, also
+naming workers that registered but have no metrics yet).
+
 Everything under the experiment directory is untrusted (other machines write it). A file that is a
 symlink, a FIFO or a device, a config snapshot that is too large or not strict JSON: each becomes one
 "skipped" line in the report's warnings and is left out, never a traceback or a hang. Lines that are not
@@ -20,6 +25,7 @@ with one warning per file naming the first one and why. Names and reasons in the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,15 +33,18 @@ from typing import Any, Callable, Sequence
 from node.config import plain_name_problem, resolve_config  # no torch: node.config is shared with the supervisor
 from node.fsio import BadFile, iter_jsonl, read_capped
 from node.records import EVALS_FILE
-from node.schemas import ConfigSnapshot, validate_metrics_line
+from node.schemas import ConfigSnapshot, PeerRecord, validate_metrics_line
 from node.strict_json import parse_json_bytes
 from sapo.config import ConfigError
+from supervisor.status import NODE_ID_LIKE
 from supervisor.switches import FILE_NAME as SWITCH_FILE, switch_line
 from supervisor.terminal import escape_controls, finite_number, number_problem, short_value
 
 CONFIG_SNAPSHOT_MAX_BYTES = 16 * 1024 * 1024  # a snapshot is a few KiB; this is a sanity cap
 MAX_COUNT = 2 ** 63 - 1  # the largest round, I, J or G we take (node.schemas' Count)
 SNAPSHOT_COUNTS = ("num_train_samples", "num_transplant_trees", "num_generations")
+MAX_NODES = 256  # node directories read under logs/ (and peer records under peers/): junk cannot make it unbounded
+PEER_MAX_BYTES = 64 * 1024  # a peer record is ~250 bytes
 
 
 class ReportError(ValueError):
@@ -62,6 +71,8 @@ class ExperimentData:
     evals: dict[str, dict[int, dict]] = field(default_factory=dict)  # node -> eval round -> checked eval line
     events: dict[str, list[dict]] = field(default_factory=dict)  # node -> events in file order
     switches: dict[int, dict] = field(default_factory=dict)  # round -> the checked round switch into it
+    hosts: dict[str, str] = field(default_factory=dict)  # worker -> the host its peer record names
+    registered: list[str] = field(default_factory=list)  # workers with a peer record and no metrics (yet)
     skipped_lines: int = 0
     duplicate_lines: int = 0
     notes: list[str] = field(default_factory=list)  # become the report's warnings
@@ -331,18 +342,65 @@ def _load_node(data: ExperimentData, node_dir: Path) -> None:
     _by_round(data, node_dir / SWITCH_FILE, lambda x: switch_line(x, expect_node=node), data.switches)
 
 
-def _node_dirs(data: ExperimentData) -> list[Path]:
-    """The directories under ``logs/``, sorted; a symlink among them is noted and left out."""
-    logs = data.experiment_dir / "logs"
-    try:
-        entries = sorted(logs.iterdir()) if logs.is_dir() else []
-    except OSError as err:
-        data.skip(logs, err.strerror or type(err).__name__)
+def _likely_first(names: list[str], limit: int) -> tuple[list[str], int]:
+    """(``names`` sorted, the ids supervisors give first, then other node ids, then the rest, at most
+    ``limit`` of them; how many more were left out)."""
+    ordered = sorted(names, key=lambda n: (NODE_ID_LIKE.fullmatch(n) is None, plain_name_problem(n) is not None, n))
+    return ordered[:limit], max(0, len(ordered) - limit)
+
+
+def node_ids(names: list[str], limit: int = MAX_NODES) -> tuple[list[str], int]:
+    """(the node ids among ``names``, those that look like the ids supervisors give first, at most ``limit``;
+    how many more were left out). Other names (hidden, not plain) are not nodes."""
+    return _likely_first([n for n in names if not n.startswith(".") and plain_name_problem(n) is None], limit)
+
+
+def _listdir(data: ExperimentData, directory: Path) -> list[str]:
+    """The names in ``directory`` ([] when it is missing; a symlink is noted, never entered)."""
+    if directory.is_symlink():
+        data.skip(directory, "is a symlink")
         return []
+    try:
+        return os.listdir(directory) if directory.is_dir() else []
+    except OSError as err:
+        data.skip(directory, err.strerror or type(err).__name__)
+        return []
+
+
+def _node_dirs(data: ExperimentData) -> list[Path]:
+    """The directories under ``logs/``, node ids first, at most :data:`MAX_NODES` (any other name is read too:
+    its lines name no such node, so only its refused files are noted); a symlink among them is noted and left
+    out."""
+    logs = data.experiment_dir / "logs"
+    names, more = _likely_first(_listdir(data, logs), MAX_NODES)
+    if more:
+        data.notes.append(f"{data.label}: {more} more node directories under logs/ not read (at most {MAX_NODES})")
+    entries = [logs / name for name in names]
     for p in entries:
         if p.is_symlink():
             data.skip(p, "is a symlink")
     return [p for p in entries if not p.is_symlink() and p.is_dir()]
+
+
+def peer_record(path: Path, node: str) -> PeerRecord | None:
+    """``node``'s peer record at ``path`` (capped, strict JSON, its schema; a signature is not checked), or None."""
+    try:
+        return PeerRecord.from_json(parse_json_bytes(read_capped(path, PEER_MAX_BYTES)[0]), expect_node=node)
+    except (OSError, ValueError, BadFile):  # a refused or invalid record names no host
+        return None
+
+
+def _peers(data: ExperimentData) -> None:
+    """Each worker's host (its peer record, unverified: the report reads without the key) and the workers
+    that registered without a metrics line yet."""
+    peers = data.experiment_dir / "peers"
+    names, _ = node_ids([n[:-5] for n in _listdir(data, peers) if n.endswith(".json")])
+    for node in dict.fromkeys([*sorted(data.metrics), *names]):
+        record = peer_record(peers / f"{node}.json", node)
+        if record is not None and record.role == "worker":
+            data.hosts[node] = record.host
+            if node not in data.metrics:
+                data.registered.append(node)
 
 
 def load_experiment(source: str | Path, overrides: Sequence[str] = ()) -> ExperimentData:
@@ -350,4 +408,5 @@ def load_experiment(source: str | Path, overrides: Sequence[str] = ()) -> Experi
     data = resolve_source(source, overrides)
     for node_dir in _node_dirs(data):
         _load_node(data, node_dir)
+    _peers(data)
     return data

@@ -23,6 +23,9 @@ Definitions (the numbers in ``report.md`` / ``report.json``):
   the previous round written to every worker having started this one, split into detect (until the
   coordinator wrote the next state) and start (from then until the last worker started); p50/p99 over
   every switch logged (linear interpolation). Older experiments did not log it: "not recorded".
+* **workers**: every host's workers (``logs/<id>/``; the host from each one's peer record), each with its
+  rounds recorded, first and last round (a worker that joined a running experiment starts later), mean
+  ``reward_local`` and restarts; workers that registered without a metrics line yet are listed with none;
 * **final eval accuracy**: held-out pass@1 with greedy decoding (``eval:``, :mod:`sapo.evaluate`), from each
   worker's last line in ``evals.jsonl`` (the weights it ended with, or has now in a running experiment):
   the mean over the tasks of its accuracy (tasks the line evaluated no question of left out), then the mean
@@ -105,6 +108,7 @@ class ExperimentSummary:
     final_eval_accuracy: float | None = None  # None: no eval recorded
     final_eval_by_task: dict | None = None  # task -> mean over workers of their last eval's accuracy
     eval_rounds: int = 0  # distinct rounds any worker evaluated
+    per_worker: tuple[dict, ...] = ()  # per_worker(): node, host, rounds, first/last round, mean reward, restarts
     plots: tuple[str, ...] = ()
 
 
@@ -143,8 +147,25 @@ def summarise(data: ExperimentData, base: ExperimentData | None) -> dict:
         skipped_lines=data.skipped_lines, duplicate_lines=data.duplicate_lines,
         round_s_p50=percentile(list(round_seconds(data).values()), 50),
         round_switch=summarise_switches([data.switches[r] for r in sorted(data.switches)]),
-        **final_eval(data),
+        per_worker=per_worker(data), **final_eval(data),
     )
+
+
+def per_worker(data: ExperimentData) -> tuple[dict, ...]:
+    """One row per worker of every host (see the module docstring), by host then node; registered workers
+    without metrics last."""
+    restarts: dict[str, int] = {}
+    for r in data.restarts():
+        restarts[r["node"]] = restarts.get(r["node"], 0) + 1
+    rows = []
+    for node in [*data.nodes, *data.registered]:
+        per_round = data.metrics.get(node, {})
+        rewards = [v for v in (finite_number(line.get("reward_local")) for line in per_round.values()) if v is not None]
+        rows.append({"node": node, "host": data.hosts.get(node), "rounds": len(per_round),
+                     "first_round": min(per_round) if per_round else None,
+                     "last_round": max(per_round) if per_round else None,
+                     "mean_reward": _mean(rewards), "restarts": restarts.get(node, 0)})
+    return tuple(sorted(rows, key=lambda row: (row["rounds"] == 0, row["host"] or "", row["node"])))
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -288,6 +309,26 @@ def _eval_section(report: Report) -> list[str]:
                     "<experiment>/eval_accuracy.png show every eval per task and node.", ""]
 
 
+def _cell(value: object, limit: int = 64) -> str:
+    """An untrusted value as one markdown table cell (``|`` escaped, cut)."""
+    return "–" if value is None else str(value)[:limit].replace("|", "\\|")
+
+
+def _workers_section(report: Report) -> list[str]:
+    """Every worker of every host, per experiment (nothing when no experiment has one)."""
+    head = ["experiment", "worker", "host", "rounds", "first–last", "mean reward", "restarts"]
+    lines = ["## Workers", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in report.experiments:
+        for w in s.per_worker:
+            span = "–" if w["first_round"] is None else f"{w['first_round']}–{w['last_round']}"
+            lines.append("| " + " | ".join([s.label, w["node"], _cell(w["host"]), str(w["rounds"]), span,
+                                             _fmt(w["mean_reward"], 3), str(w["restarts"])]) + " |")
+    if len(lines) == 4:
+        return []
+    return lines + ["", "Every host's workers: logs/<id>/ and the host its peer record names (peers/<id>.json); a "
+                    "worker that joined a running experiment starts at a later round.", ""]
+
+
 def render_markdown(report: Report) -> str:
     """``report.md``: the table, the definitions, the round time, the warnings, the plots."""
     lines = ["# SAPO report", "", *_table(report), "", "Definitions: " + DEFINITION + ". Final (last W) is the "
@@ -296,6 +337,7 @@ def render_markdown(report: Report) -> str:
     if report.baseline is None:
         lines += ["No experiment with J=0 (num_transplant_trees: 0) was given, so there is no change column.", ""]
     lines += _eval_section(report)
+    lines += _workers_section(report)
     lines += _round_time(report)
     if report.warnings:
         lines += ["Warnings:", ""] + [f"- {w}" for w in report.warnings] + [""]

@@ -1,9 +1,11 @@
-"""The human view of ``status.json``: a header, one row per node, then what went wrong.
+"""The human view of ``status.json``: a header, one row per node, the whole swarm, then what went wrong.
 
 :func:`status_view` turns the status dict into a :class:`StatusView` (lines of styled segments and the
 table's cells, every value escaped); :func:`render_status` prints it as plain text (``swarm status`` into
 a pipe or a file, the tests) and :func:`status_renderable` as a rich table (a terminal, and the live
-display of :mod:`supervisor.live`).
+display of :mod:`supervisor.live`). Under this host's table, every node of the experiment found in the
+shared dir (:class:`supervisor.status.SwarmScan`: host, role, round, age of its record, reward, whether its
+signature was checked), an age by the writer's clock marked ``*``.
 
 ``status.json`` lives in the runtime dir, so it is read like any other untrusted file: a field of the
 wrong type shows as ``-`` (:func:`_dict`, :func:`_list`), a number out of bounds (a 401-digit integer) as
@@ -16,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -24,6 +26,7 @@ from rich.table import Table
 
 from node.fsio import BadFile
 from supervisor.logview import log_lines, tail_text
+from supervisor.status import swarm_age
 from supervisor.terminal import Line, Segment, escape_controls, finite_number, plain, styled
 
 STALE_STATUS_S = 60.0  # a running supervisor rewrites status.json at least every 5 s (supervisor.status)
@@ -31,6 +34,9 @@ HEADER = ("NODE", "STATE", "PID", "ROUND", "PHASE", "BEAT", "RESTARTS", "REWARD"
           "LAST EXIT")
 STATE_STYLES = {"RUNNING": "green", "STARTING": "cyan", "BACKOFF": "yellow", "STOPPING": "yellow",
                 "FATAL": "bold red", "EXITED": "dim", "STOPPED": "dim"}
+SWARM_HEADER = ("NODE", "HOST", "ROLE", "ROUND", "STATUS", "BEAT", "REWARD", "SIGNATURE")
+WRITER_CLOCK_NOTE = ("* age by the writer's clock (the record's heartbeat_at): this host has not yet seen the record "
+                     "change; a host with a skewed clock shows a wrong (even negative) age")
 GPU_UNKNOWN_NOTE = ("GPU MEM ?: NVML does not report this process's memory here (MIG, some containers, or it "
                     "cannot list the processes); the budget is not checked")
 
@@ -65,11 +71,15 @@ def fmt_age(value: object) -> str:
 
 @dataclass
 class StatusView:
-    """What is shown: ``head`` lines, then (when there is a status) the node table, then ``tail`` lines."""
+    """What is shown: ``head`` lines, then (when there is a status) the node table, then (when the shared dir
+    was scanned) ``swarm_head``, the swarm's table and ``swarm_tail``, then ``tail`` lines."""
 
     head: list[Line] = field(default_factory=list)
     rows: list[list[Segment]] | None = None
     tail: list[Line] = field(default_factory=list)
+    swarm_head: list[Line] = field(default_factory=list)
+    swarm_rows: list[list[Segment]] | None = None
+    swarm_tail: list[Line] = field(default_factory=list)
 
 
 def _text(value: object, style: str = "") -> Line:
@@ -223,11 +233,46 @@ def _cut(line: Line, limit: int) -> Line:
     return out
 
 
+def _swarm(view: StatusView, section: Mapping, now: float) -> None:
+    """The swarm's heading, table and notes into ``view`` (a :meth:`supervisor.status.SwarmScan.scan` section
+    from status.json or from our own scan: untrusted like the rest)."""
+    nodes = [_dict(n) for n in _list(section.get("nodes"))]
+    view.swarm_head = [[], _text(f"Swarm (shared dir {section.get('experiment_dir', '?')}): {len(nodes)} node(s) on "
+                                 f"{_fixed(section.get('hosts'), '.0f')} host(s); {section.get('key', '')}", "bold")]
+    view.swarm_rows, writer = [], False
+    for n in nodes:
+        age, clock = swarm_age(n, now)
+        writer = writer or clock == "writer"
+        status = str(n.get("status", "?"))
+        cells = [(str(n.get("node", "?")), "bold"), (str(n.get("host", "?")), ""), (str(n.get("role", "?")), ""),
+                 (_fixed(n.get("round"), ".0f"), ""), (status, "dim" if status == "finished" else ""),
+                 (fmt_age(age) + ("*" if clock == "writer" else ""), "yellow" if clock == "writer" else ""),
+                 (_fixed(n.get("reward"), ".3f"), ""),
+                 ("checked", "green") if n.get("verified") is True else ("unverified", "yellow")]
+        view.swarm_rows.append([(escape_controls(text)[:64], style) for text, style in cells])
+    notes = [f"peers/ could not be listed ({section['unreachable']}): the nodes seen before"] if section.get(
+        "unreachable") else []
+    more, unread = finite_number(section.get("more")) or 0, finite_number(section.get("not_looked_at")) or 0
+    if more > 0:
+        notes.append(f"+{more:.0f} more node(s) not listed")
+    if unread > 0:
+        notes.append(f"peers/ lists {_fixed(section.get('listed'), '.0f')} name(s): {unread:.0f} not looked at in this "
+                     f"scan (the next scans take them)")
+    refused = _dict(section.get("refused"))
+    if refused:
+        notes.append("peer files refused: " + ", ".join(f"{k} {_fixed(v, '.0f')}" for k, v in list(refused.items())[:8]))
+    view.swarm_tail = [_text(line, "dim") for line in notes + ([WRITER_CLOCK_NOTE] if writer else [])]
+
+
 def status_view(st: dict | None, *, running_pid: int | None, runtime_dir: Path, experiment: str,
-                recent: Iterable[str] = (), now: float | None = None) -> StatusView:
-    """The status dict (None: no file) as a :class:`StatusView`; ``recent``: raw log lines to list last."""
+                recent: Iterable[str] = (), now: float | None = None, swarm: Mapping | None = None) -> StatusView:
+    """The status dict (None: no file) as a :class:`StatusView`; ``recent``: raw log lines to list last;
+    ``swarm``: the whole swarm (a :meth:`supervisor.status.SwarmScan.scan` section; default: status.json's)."""
     now = time.time() if now is None else now
     view = StatusView(head=_head(st, running_pid, runtime_dir, experiment, now))
+    section = swarm if swarm is not None else (st or {}).get("swarm")
+    if isinstance(section, Mapping):
+        _swarm(view, section, now)
     if st is None:
         return view
     nodes = {name: _dict(n) for name, n in _dict(st.get("nodes")).items()}
@@ -240,25 +285,39 @@ def status_view(st: dict | None, *, running_pid: int | None, runtime_dir: Path, 
     return view
 
 
+def _plain_table(header: tuple[str, ...], rows: list[list[Segment]]) -> list[str]:
+    widths = [max([len(h), *(len(r[i][0]) for r in rows)]) for i, h in enumerate(header)]
+    return (["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+            + ["  ".join(text.ljust(w) for (text, _), w in zip(r, widths)).rstrip() for r in rows])
+
+
 def plain_view(view: StatusView) -> str:
     lines = [plain(line) for line in view.head]
     if view.rows is not None:
-        widths = [max([len(h), *(len(r[i][0]) for r in view.rows)]) for i, h in enumerate(HEADER)]
-        lines.append("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)).rstrip())
-        lines += ["  ".join(text.ljust(w) for (text, _), w in zip(r, widths)).rstrip() for r in view.rows]
-    return "\n".join(lines + [plain(line) for line in view.tail])
+        lines += _plain_table(HEADER, view.rows)
+    lines += [plain(line) for line in view.swarm_head]
+    if view.swarm_rows:
+        lines += _plain_table(SWARM_HEADER, view.swarm_rows)
+    return "\n".join(lines + [plain(line) for line in view.swarm_tail + view.tail])
+
+
+def _rich_table(header: tuple[str, ...], rows: list[list[Segment]]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, padding=(0, 1, 0, 0))
+    for h in header:
+        table.add_column(h, no_wrap=True, overflow="ellipsis", max_width=60 if h == "LAST EXIT" else None)
+    for r in rows:
+        table.add_row(*(styled([cell]) for cell in r))
+    return table
 
 
 def rich_view(view: StatusView) -> RenderableType:
     parts: list[RenderableType] = [styled(line) for line in view.head]
     if view.rows is not None:
-        table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, padding=(0, 1, 0, 0))
-        for h in HEADER:
-            table.add_column(h, no_wrap=True, overflow="ellipsis", max_width=60 if h == "LAST EXIT" else None)
-        for r in view.rows:
-            table.add_row(*(styled([cell]) for cell in r))
-        parts.append(table)
-    parts += [styled(line) for line in view.tail]
+        parts.append(_rich_table(HEADER, view.rows))
+    parts += [styled(line) for line in view.swarm_head]
+    if view.swarm_rows:
+        parts.append(_rich_table(SWARM_HEADER, view.swarm_rows))
+    parts += [styled(line) for line in view.swarm_tail + view.tail]
     return Group(*parts)
 
 

@@ -4,7 +4,12 @@ Checks (the seeds' validate_test_run): the final state reached max_rounds and fi
 snapshot, every peer file and every rollout/reward file parse (the node's own schemas); per worker, the
 training events parse, the metrics have exactly one line per round (bar rounds it logged as skipped), and
 every trained round has the worker's rollout file, unless retention removed that round without an
-archive to check it against; with ``eval.every_rounds`` set (or an ``evals.jsonl`` present), the held-out
+archive to check it against. The workers are every host's (:func:`discover_workers`): the config's
+``worker_1..N`` and every plain node id with a worker's peer record or a ``logs/<id>/metrics.jsonl``
+(another host's ``<host>-worker_1``), at most :data:`MAX_DISCOVERED` more (junk names cannot make a run of
+validate unbounded; beyond that a failed ``workers`` check counts them). A worker that is not the config's
+joined when its host did: rounds before its first trained round are not missing (its worker logs them as
+skipped anyway when it joined a running experiment); with ``eval.every_rounds`` set (or an ``evals.jsonl`` present), the held-out
 eval lines parse, name trained rounds, never repeat one, and cover every K-th trained round and the last.
 Files are read through :mod:`node.fsio` (capped, no symlinks, strict JSON); a symlinked round or stage
 directory is refused like a symlinked file, never entered. A refused file
@@ -30,10 +35,11 @@ from node.layout import ExperimentLayout, parse_round_dir, parse_stage_dir
 from node.records import evals_file
 from node.schemas import ConfigSnapshot, PeerRecord, RolloutFile, RoundResult, RoundState, validate_metrics_line
 from node.strict_json import parse_json_bytes
-from supervisor.report_data import eval_line
+from supervisor.report_data import eval_line, node_ids, peer_record
 from supervisor.terminal import MAX_MAGNITUDE, escape_controls, number_problem, styled
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_DISCOVERED = 256  # workers checked beyond the config's worker_1..N
 READ_ERRORS = (OSError, ValueError, fsio.BadFile)
 
 
@@ -248,17 +254,22 @@ def _line_rounds(layout: ExperimentLayout, path: Path, check: Callable[[Any], di
     return rounds, problems
 
 
-def metrics_check(layout: ExperimentLayout, worker: str, max_rounds: int, skipped: set[int]
-                  ) -> tuple[Check, list[int] | None]:
-    """One valid metrics line per round (bar skipped ones); the rounds trained (None: no metrics file)."""
+def metrics_check(layout: ExperimentLayout, worker: str, max_rounds: int, skipped: set[int], *,
+                  joined_late: bool = False) -> tuple[Check, list[int] | None]:
+    """One valid metrics line per round (bar skipped ones); the rounds trained (None: no metrics file).
+    ``joined_late``: a worker another host added to a running experiment; rounds before its first trained
+    round are not missing."""
     name, path = f"{worker} metrics", layout.metrics_file(worker)
     if not path.exists():
         return Check(name, False, f"{layout.relative(path)} is missing"), None
     trained, problems = _line_rounds(layout, path, lambda obj: validate_metrics_line(obj, expect_node=worker))
-    missing = set(range(max_rounds)) - set(trained) - skipped
+    first = min(trained) if joined_late and trained else 0
+    missing = set(range(first, max_rounds)) - set(trained) - skipped
     if missing:
         problems.append(f"no line for rounds {_ranges(missing)}")
     detail = f"{len(trained)} lines, rounds {_ranges(trained)}" + (f", skipped {_ranges(skipped)}" if skipped else "")
+    if first > 0 and not set(range(first)) <= skipped:
+        detail += f", joined at round {first}"
     return Check(name, not problems, "; ".join(problems[:4]) if problems else detail), trained
 
 
@@ -294,6 +305,41 @@ def rollouts_check(worker: str, trained: list[int], present: set[int], pruned_be
     return Check(f"{worker} rollouts", True, detail)
 
 
+# --------------------------------------------------------------------------- every host's workers
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return [] if os.path.islink(path) else os.listdir(path)
+    except OSError:
+        return []
+
+
+def _has_metrics(layout: ExperimentLayout, node: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(layout.log_dir(node)).st_mode) and os.path.lexists(layout.metrics_file(node))
+    except OSError:
+        return False
+
+
+def _worker_record(layout: ExperimentLayout, node: str) -> bool:
+    record = peer_record(layout.peer_file(node), node)
+    return record is not None and record.role == "worker"
+
+
+def discover_workers(layout: ExperimentLayout, configured: Iterable[str], limit: int = MAX_DISCOVERED
+                     ) -> tuple[list[str], list[str], int]:
+    """(the config's workers, the other workers found, how many more names were not looked at). Another
+    worker is a plain node id, not the coordinator, with a ``logs/<id>/metrics.jsonl`` or a peer record of
+    role worker; at most ``limit`` candidates are looked at (:func:`supervisor.report_data.node_ids`: ids
+    like the ones supervisors give first), the rest counted."""
+    configured = list(configured)
+    known = set(configured) | {"coordinator"}
+    names = set(_listdir(layout.logs_dir())) | {n[:-5] for n in _listdir(layout.peers_dir()) if n.endswith(".json")}
+    candidates, more = node_ids(list(names - known), limit)
+    found = sorted(n for n in candidates if _has_metrics(layout, n) or _worker_record(layout, n))
+    return configured, found, more
+
+
 # --------------------------------------------------------------------------- all of them
 
 def validate_experiment(config) -> list[Check]:
@@ -310,10 +356,13 @@ def validate_experiment(config) -> list[Check]:
     for node, rounds in (archived or {}).items():
         rollouts.setdefault(node, set()).update(rounds)
     below = pruned_below(layout, config, snap, archived is not None)
-    for i in range(1, config.supervisor.workers + 1):
-        w = f"worker_{i}"
+    configured, others, unchecked = discover_workers(layout, [f"worker_{i}" for i in range(1, config.supervisor.workers + 1)])
+    if unchecked:
+        checks.append(Check("workers", False, f"{len(configured) + len(others)} workers checked; {unchecked} more "
+                            f"node names under logs/ and peers/ not looked at (at most {MAX_DISCOVERED})"))
+    for w in configured + others:
         events, skipped = events_check(layout, w)
-        metrics, trained = metrics_check(layout, w, max_rounds, skipped)
+        metrics, trained = metrics_check(layout, w, max_rounds, skipped, joined_late=w in others)
         checks += [events, metrics]
         if trained is not None:
             checks.append(rollouts_check(w, trained, rollouts.get(w, set()), below))

@@ -8,34 +8,37 @@
   through ``NSpid`` (container PIDs differ from NVML's host PIDs), the over-budget flag, and the wait
   for a killed worker's memory to be released before it is respawned. Memory NVML does not report stays
   unknown, never 0.
-- :class:`SharedPoller`: the round state, the workers' last rewards and the last round switches, read
-  from the shared dir in a helper thread (a Drive/FUSE mount may block; the loop never waits on it),
-  through :mod:`node.fsio` (a FIFO, symlink or device there is refused without blocking), the schemas of
-  :mod:`node.schemas` and :func:`supervisor.switches.switch_line`.
+- :class:`SharedPoller`: the round state, the workers' last rewards, the last round switches and every
+  node of the swarm (:class:`supervisor.status.SwarmScan`), read from the shared dir in a helper thread (a
+  Drive/FUSE mount may block; the loop never waits on it), through :mod:`node.fsio` (a FIFO, symlink or
+  device there is refused without blocking), the schemas of :mod:`node.schemas` and
+  :func:`supervisor.switches.switch_line`.
 
 Monitoring never takes the supervisor down: psutil and NVML errors leave figures unknown.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import psutil
 
 from node import fsio
+from node.heartbeat import default_runtime_dir
 from node.layout import ExperimentLayout
 from node.schemas import RoundState, validate_metrics_line
 from node.strict_json import parse_json_bytes
 from supervisor.gpu import GpuDevice, GpuInfo
 from supervisor.gpu_pids import Release, match_gpu_processes, nvml_pids_for, wait_gpu_released
 from supervisor.logview import tail_text
+from supervisor.status import SwarmScan, line_reward, swarm_store
 from supervisor.switches import STATUS_WINDOW, parse_tail, status_summary
-from supervisor.terminal import finite_number
 
 TREE_REFRESH_S = 30.0  # how often each node's descendants are looked up again (a scan of every process)
 SELF_SAMPLE_S = 5.0  # the supervisor's own CPU % is averaged over this long (status.json's refresh)
-REWARD_KEYS = ("reward_local", "mean_reward", "reward")
 
 
 class ProcessSampler:
@@ -179,12 +182,15 @@ class GpuWatch:
 
 
 class SharedPoller:
-    """The coordinator's round state, each worker's last reward and the last round switches, read in a
-    helper thread.
+    """The coordinator's round state, each worker's last reward, the last round switches and the whole
+    swarm, read in a helper thread.
 
     :meth:`poll` starts a read unless the previous one is still running (a slow mount: logged once, the
     status shows older figures); :meth:`maybe_poll` does so at most every ``interval_s``. Only the
-    helper thread writes :attr:`round_state`, :attr:`rewards` and :attr:`round_switch`. Every read goes
+    helper thread writes :attr:`round_state`, :attr:`rewards`, :attr:`round_switch` and :attr:`swarm`.
+    The swarm's peer records are checked with the experiment key looked up in ``environ`` and
+    ``runtime_dir`` as a node looks it up (default: this process's environment and the experiment's
+    default runtime dir), again at every poll until there is one. Every read goes
     through :mod:`node.fsio` (regular files only, ``O_NONBLOCK``: a FIFO planted at the state file is
     refused, the thread never parks on it) and reads a bounded amount (the state file capped, the end of
     each log file); a refused or invalid file keeps the last good figures and is warned about once per
@@ -195,7 +201,9 @@ class SharedPoller:
     TAIL_BYTES = 16384  # the end of a metrics file holding its last lines
     SWITCH_TAIL_BYTES = 65536  # the end of round_switches.jsonl: ~250 bytes a line, more when it names workers
 
-    def __init__(self, layout: ExperimentLayout, workers: Iterable[str], *, interval_s: float, log: Any):
+    def __init__(self, layout: ExperimentLayout, workers: Iterable[str], *, interval_s: float, log: Any,
+                 runtime_dir: Path | str | None = None, environ: Mapping[str, str] | None = None,
+                 require_signatures: bool = True):
         self.layout = layout
         self.workers = list(workers)
         self.interval_s = interval_s
@@ -203,6 +211,10 @@ class SharedPoller:
         self.round_state: RoundState | None = None
         self.rewards: dict[str, float] = {}
         self.round_switch: dict | None = None  # supervisor.switches.status_summary of the last switches
+        self.swarm: dict | None = None  # SwarmScan.scan(): every node in the shared dir
+        self._key_lookup = dict(runtime_dir=runtime_dir if runtime_dir is not None else default_runtime_dir(layout.root),
+                                environ=dict(os.environ if environ is None else environ), required=require_signatures)
+        self._scan: SwarmScan | None = None
         self._thread: threading.Thread | None = None
         self._slow = False
         self._next: float | None = None
@@ -237,6 +249,18 @@ class SharedPoller:
             if reward is not None:
                 self.rewards[node_id] = reward
         self._read_round_switches()
+        self._read_swarm()
+
+    def _read_swarm(self) -> None:
+        """Every node of the swarm (:class:`SwarmScan`, bounded); its store is made again while it has no key."""
+        try:
+            if self._scan is None or not self._scan.store.signer.enabled:
+                store, note = swarm_store(self.layout, **self._key_lookup)
+                if self._scan is None or store.signer.enabled:
+                    self._scan = SwarmScan(store, key_note=note, first=["coordinator", *self.workers])
+            self.swarm = self._scan.scan()
+        except Exception as err:  # noqa: BLE001 - monitoring never takes the supervisor down
+            self._refuse(self.layout.peers_dir(), err, event="swarm_scan_failed")
 
     def _read_round_state(self) -> None:
         """The coordinator's state file as a :class:`RoundState` (missing: nothing; refused or invalid: one
@@ -268,10 +292,9 @@ class SharedPoller:
                 obj = validate_metrics_line(parse_json_bytes(line.encode("utf-8")), expect_node=node_id)
             except ValueError:
                 continue
-            for key in REWARD_KEYS:
-                value = finite_number(obj.get(key))
-                if value is not None:
-                    return value
+            reward = line_reward(obj)
+            if reward is not None:
+                return reward
         return None
 
     def _read_round_switches(self) -> None:
