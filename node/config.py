@@ -411,13 +411,17 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+TOP_LEVEL_FIELDS = ("workers",)  # fields of ExperimentConfig that are not sections
+
+
 def parse_set_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``["a.b=c", ...]`` -> ``{"a.b": value}``; values are parsed as YAML scalars (3, true, [..])."""
+    """``["a.b=c", ...]`` -> ``{"a.b": value}``; values are parsed as YAML scalars (3, true, [..]). A top-level
+    field that is not a section (``workers``) is set by its name alone: ``--set 'workers=[...]'``."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key or "." not in key:
+        if not sep or not key or ("." not in key and key not in TOP_LEVEL_FIELDS):
             raise ConfigError(key or item, f"--set wants section.field=value, got {item!r}")
         try:
             out[key] = yaml.safe_load(raw) if raw.strip() else ""
