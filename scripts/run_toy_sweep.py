@@ -39,19 +39,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="run_toy_sweep.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", type=Path, help="experiment configs (default: the four toy-* splits)")
+    add_run_arguments(p, logs_dir="runs/sweep-logs", timeout=3600.0, report_dir="runs/reports/toy-sweep")
+    return p.parse_args(argv)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, logs_dir: str, timeout: float, report_dir: str):
+    """The options of a script that runs experiments one after the other and reports them (this one and
+    run_split_experiment.py); returns the --fresh/--resume group, for more mutually exclusive options."""
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="config override for every experiment (and the report)")
     p.add_argument("--by-hand", action="store_true", help="start the nodes directly even if `swarm` is available")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--fresh", action="store_true", help="delete an existing experiment directory first")
     existing.add_argument("--resume", action="store_true", help="run an existing experiment directory as it is")
-    p.add_argument("--logs-dir", type=Path, default=Path("runs/sweep-logs"),
-                   help="where node output goes in --by-hand mode (default runs/sweep-logs)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per experiment (default 3600)")
-    p.add_argument("--report-dir", type=Path, default=Path("runs/reports/toy-sweep"),
-                   help="where the report goes (default runs/reports/toy-sweep)")
+    p.add_argument("--logs-dir", type=Path, default=Path(logs_dir),
+                   help=f"where node output goes in --by-hand mode (default {logs_dir})")
+    p.add_argument("--timeout", type=float, default=timeout, help=f"seconds allowed per experiment (default {timeout:.0f})")
+    p.add_argument("--report-dir", type=Path, default=Path(report_dir),
+                   help=f"where the report goes (default {report_dir})")
     p.add_argument("--no-report", action="store_true", help="only run the experiments")
-    return p.parse_args(argv)
+    return existing
 
 
 def swarm_available() -> bool:
@@ -143,6 +150,25 @@ def run_with_swarm(config_path: Path, overrides: list[str], timeout: float) -> b
         _terminate({"swarm": proc}, grace_s=120.0)
 
 
+def run_one(path: Path, overrides: list[str], config, *, fresh: bool, use_swarm: bool, logs_dir: Path,
+            timeout: float) -> bool:
+    """Run the experiment of ``path`` (resolved as ``config``) to its end, its directory deleted first when
+    ``fresh``; prints what runs and how long it took. True when it finished."""
+    if fresh and config.experiment_dir.exists():
+        shutil.rmtree(config.experiment_dir)
+    name = config.experiment.name
+    print(f"== {name}: I={config.sapo.num_train_samples} J={config.sapo.num_transplant_trees} "
+          f"G={config.sapo.num_generations}, {config.supervisor.workers} workers, "
+          f"{config.experiment.max_rounds} rounds ({path.name})", flush=True)
+    t0 = time.monotonic()
+    if use_swarm:
+        done = run_with_swarm(path, overrides, timeout)
+    else:
+        done = run_by_hand(path, overrides, config.supervisor.workers, logs_dir / name, timeout)
+    print(f"   {'finished' if done else 'FAILED'} in {time.monotonic() - t0:.0f}s", flush=True)
+    return done
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -169,19 +195,8 @@ def main(argv=None) -> int:
     ok = True
     try:
         for path, config in resolved:
-            if args.fresh and config.experiment_dir.exists():
-                shutil.rmtree(config.experiment_dir)
-            name = config.experiment.name
-            print(f"== {name}: I={config.sapo.num_train_samples} J={config.sapo.num_transplant_trees} "
-                  f"G={config.sapo.num_generations}, {config.supervisor.workers} workers, "
-                  f"{config.experiment.max_rounds} rounds ({path.name})", flush=True)
-            t0 = time.monotonic()
-            if use_swarm:
-                done = run_with_swarm(path, args.set, args.timeout)
-            else:
-                done = run_by_hand(path, args.set, config.supervisor.workers, args.logs_dir / name, args.timeout)
-            print(f"   {'finished' if done else 'FAILED'} in {time.monotonic() - t0:.0f}s", flush=True)
-            ok = ok and done
+            ok = run_one(path, args.set, config, fresh=args.fresh, use_swarm=use_swarm, logs_dir=args.logs_dir,
+                         timeout=args.timeout) and ok
     except (KeyboardInterrupt, Stop) as why:
         print(f"stopped ({why or 'SIGINT'})", file=sys.stderr)
         return 1

@@ -426,3 +426,45 @@ def test_bench_exchange_signed_files_verify_and_unsigned_ones_are_refused(tmp_pa
     assert signed.store.read_as(path, lambda obj: obj)["peer_id"] == "worker_1"
     path.write_bytes(plain.layout.rollout_file(0, 0, "worker_1").read_bytes())
     assert signed.store.read_as(path, lambda obj: obj) is None and signed.store.rejected["unsigned"] == 1
+
+
+def test_split_experiment_arguments_and_plan():
+    """scripts/run_split_experiment.py: both split-tasks configs x 3 seeds by default, seeds outermost, each run
+    its own experiment (seed, name, root overrides after the user's --set); bad seeds refused."""
+    split = _load("run_split_experiment")
+    args = split.parse_args([])
+    assert args.seeds == [42, 1, 2] and args.root == "./runs/split-tasks" and not args.dry_run
+    assert [c.name for c in split.DEFAULT_CONFIGS] == ["split-tasks-j0.yaml", "split-tasks-j2.yaml"]
+    args = split.parse_args(["--seeds", "7", "8", "--set", "experiment.max_rounds=5", "--root", "/tmp/x"])
+    names = {Path("a.yaml"): "split-a", Path("b.yaml"): "split-b"}
+    runs = split.plan(args, names)
+    assert [(r.config.name, r.seed, r.name) for r in runs] == [
+        ("a.yaml", 7, "split-a-seed7"), ("b.yaml", 7, "split-b-seed7"),
+        ("a.yaml", 8, "split-a-seed8"), ("b.yaml", 8, "split-b-seed8")]
+    assert runs[1].overrides == ("experiment.max_rounds=5", "experiment.seed=7", "experiment.name=split-b-seed7",
+                                 "experiment.root=/tmp/x")
+    assert split.launch_command(runs[0])[:3] == ["swarm", "launch", "a.yaml"]
+    for bad in (["--seeds", "1", "1"], ["--seeds", "-1"], ["--report-only", "--no-report"], ["--fresh", "--resume"]):
+        with pytest.raises(SystemExit) as exc:
+            split.parse_args(bad)
+        assert exc.value.code == 2
+
+
+def test_split_experiment_dry_run_prints_the_commands(tmp_path):
+    """--dry-run resolves the shipped configs with the overrides, prints one `swarm launch` per (config, seed)
+    and the `swarm report` over their directories, and runs or writes nothing."""
+    out = subprocess.run([sys.executable, "scripts/run_split_experiment.py", "--dry-run", "--seeds", "5", "6",
+                          "--root", str(tmp_path / "root"), "--report-dir", str(tmp_path / "rep")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    launches = [x for x in lines if x.startswith("$ swarm launch ")]
+    assert len(launches) == 4 and "configs/split-tasks-j0.yaml" in launches[0] and "split-tasks-j2.yaml" in launches[1]
+    assert "--set experiment.seed=6 --set experiment.name=split-tasks-j2-seed6" in launches[3]
+    report = [x for x in lines if x.startswith("$ swarm report ")]
+    assert len(report) == 1 and report[0].endswith(f"--out {tmp_path / 'rep'}")
+    assert str(tmp_path / "root" / "experiments" / "split-tasks-j0-seed5") in report[0]
+    assert list(tmp_path.iterdir()) == []
+    bad = subprocess.run([sys.executable, "scripts/run_split_experiment.py", "--dry-run", "--set", "sapo.nope=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "configuration error" in bad.stderr
