@@ -9,7 +9,7 @@ import time
 
 import structlog
 
-from node.config import ExperimentConfig
+from node.config import ExperimentConfig, plain_name_problem
 from node.layout import ExperimentLayout
 from node.schemas import ConfigSnapshot, PeerRecord
 from node.storage import SharedStore
@@ -21,6 +21,7 @@ EXIT_FINISHED = 0
 EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after checkpointing
+HOST_ID_ENV = "SWARM_HOST_ID"  # a joining host's id (supervisor.launch hands it to its nodes)
 
 # Fields that must agree across every node of an experiment: they shape what is exchanged. Checked on the base
 # config, and so is the ``workers:`` list (every worker's own model, seed, tasks, I, J): see _identity.
@@ -128,15 +129,39 @@ def ensure_config_snapshot(store: SharedStore, layout: ExperimentLayout, config:
         )
 
 
+def host_name(environ=None) -> str:
+    """The host in our peer record: ``$SWARM_HOST_ID`` (a joining host's id) when it is a plain name, else the
+    hostname (at most 64 characters)."""
+    env = os.environ if environ is None else environ
+    host = env.get(HOST_ID_ENV, "")
+    return (host if host and not plain_name_problem(host) else socket.gethostname())[:64]
+
+
 class PeerRegistration:
-    """Our ``peers/<node>.json``: written at start and at phase boundaries, at most once per interval."""
+    """Our ``peers/<node>.json``: written at start and at phase boundaries, at most once per interval.
+
+    Readers (:mod:`node.liveness`) count a record as alive while its ``(started_at, progress)`` rises, by their
+    own clocks. So ``started_at`` never goes back for a node id: after a restart it is now, or just after the
+    ``started_at`` of the record the node left behind when that is later (this host's clock was stepped back
+    since, or the node was relaunched on a host whose clock is behind the one before)."""
 
     def __init__(self, store: SharedStore, layout: ExperimentLayout, node_id: str, role: str, interval_s: float):
         self.store, self.path, self.interval_s = store, layout.peer_file(node_id), interval_s
         self.node_id, self.role = node_id, role
-        self.started_at = time.time()
+        self.host = host_name()
+        self.started_at = self._start_time()
         self.progress = 0
         self.last_write = 0.0
+
+    def _start_time(self) -> float:
+        now = time.time()
+        try:  # our own record from a previous run, verified like any peer's (a forged one is ignored)
+            previous = self.store.read_as(self.path, PeerRecord.from_json, expect_node=self.node_id)
+        except OSError:
+            previous = None
+        if previous is not None and previous.started_at >= now:
+            return previous.started_at + 0.001
+        return now
 
     def update(self, *, round_: int, status: str, force: bool = False) -> None:
         """Refresh the record (best effort: a failed write is retried at the next update)."""
@@ -144,7 +169,7 @@ class PeerRegistration:
         now = time.time()
         if not force and now - self.last_write < self.interval_s:
             return
-        record = PeerRecord(node_id=self.node_id, role=self.role, pid=os.getpid(), host=socket.gethostname()[:64],
+        record = PeerRecord(node_id=self.node_id, role=self.role, pid=os.getpid(), host=self.host,
                             started_at=self.started_at, heartbeat_at=now, round=max(round_, 0),
                             progress=self.progress, status=status)
         try:

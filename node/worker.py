@@ -235,7 +235,7 @@ class Worker:
         t_round = time.perf_counter()
         local, gen = self._local_groups(round_, timings)
         self.stop.check()
-        selection, rejected, published = self._external_groups(round_, local, timings)
+        selection, rejected, published, missing = self._external_groups(round_, local, timings)
         self.stop.check()
         self.heartbeat.progress("train", round_=round_)
         stats = self.learner.train(local + selection.groups)
@@ -248,6 +248,7 @@ class Worker:
         self.store.publish(self.layout.reward_file(round_, STAGE, self.node_id), result.to_json(), durable="later")
         metrics = metrics_line(local, selection, rejected, published, gen, stats, timings)
         metrics["files_rejected"] = self._rejections_since_last_round()
+        metrics["peer_files_missing"] = len(missing)
         if self.learner.adaptive is not None:  # I/J moved by the reward trend: this round's and the next's
             metrics["adaptive_ij"] = {"used": [len(local), self.learner.split[1]],
                                       "next": list(self.learner.adapt(mean_reward(local + selection.groups)))}
@@ -272,13 +273,14 @@ class Worker:
         return local, gen
 
     def _external_groups(self, round_: int, local, timings: dict):
-        """Publish ours, wait (bounded) for the peers', take J of theirs: (selection, files rejected, published)."""
+        """Publish ours, wait (bounded) for the peers', take J of theirs: (selection, files rejected, published, live
+        peers whose file had not arrived when the wait ended)."""
         cfg = self.config
         self.heartbeat.progress("publish", round_=round_)
         with phase(timings, "publish_s"):
             published = self.publisher.publish(local, round_)
         with phase(timings, "wait_s"):
-            self.wait_for_peers(round_)
+            missing = self.wait_for_peers(round_)
         self.heartbeat.progress("fetch", round_=round_)
         shared, rejected = ([], 0)
         with phase(timings, "fetch_s"):
@@ -294,7 +296,7 @@ class Worker:
             log.warning("peer_group_rejected" if reason != "reward_disagreement" else "peer_reward_disagreement",
                         peer=peer_id, batch_id=batch_id, reason=reason,
                         used=reason == "reward_disagreement")
-        return selection, rejected, published
+        return selection, rejected, published, missing
 
     def _rejections_since_last_round(self) -> dict[str, int]:
         """Shared-dir files (and lines) refused since the last metrics line, per reason."""
@@ -303,27 +305,31 @@ class Worker:
         self._rejected_seen = now
         return delta
 
-    def wait_for_peers(self, round_: int) -> None:
-        """Wait, bounded, until every live peer published round ``round_`` (or the round moved on)."""
+    def wait_for_peers(self, round_: int) -> set[str]:
+        """Wait, bounded, until every live peer published round ``round_`` (or the round moved on). Returns the
+        live peers whose file had not appeared when the wait ended: a file that lands later (a slow or lagging
+        mount, a peer on another host) is not used this round, only counted (``peer_files_missing``)."""
         cfg = self.config
         if cfg.sapo.num_transplant_trees == 0:
-            return
+            return set()
         deadline = time.monotonic() + cfg.exchange.fetch_timeout_s
         state_file = self.layout.state_file()
+        missing: set[str] = set()
         while time.monotonic() < deadline:
             self.wakeup.watch([self.layout.rollouts_dir(round_, STAGE), state_file.parent])
             live = set(self.peers.live_workers()) - {self.node_id}
-            present = peer_files_present(self.store, self.layout, round_, live)
-            if live <= present:
-                return
+            missing = live - peer_files_present(self.store, self.layout, round_, live)
+            if not missing:
+                return missing
             state = self.read_state()
             if state is not None and (state.finished or state.round > round_):
-                return
+                return missing
             self.heartbeat.progress("waiting_for_peers", round_=round_)
             self.peer.update(round_=round_, status="running")
-            waiting_for = {f"{peer}.json" for peer in live - present} | {state_file.name}
+            waiting_for = {f"{peer}.json" for peer in missing} | {state_file.name}
             self.stop.wait_for(self.wakeup, min(0.25, self.poll_s), wanted=waiting_for.__contains__)
-        log.info("peer_wait_timed_out", round=round_)
+        log.info("peer_wait_timed_out", round=round_, missing=sorted(missing)[:20], count=len(missing))
+        return missing
 
 
 @contextlib.contextmanager

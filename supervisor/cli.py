@@ -6,6 +6,11 @@ honours the same environment overrides as the nodes (``GDRIVE_PATH``, ``EXPERIME
 started. Local runtime files (lock, pid, status.json, logs, heartbeats) live in
 ``~/.cache/sapo-swarm/run/<name>-<hash>`` or ``$SWARM_RUNTIME_DIR``.
 
+More machines join a running experiment through the shared directory with ``swarm launch CONFIG --join
+[--workers N] [--host-id NAME] [--key-file F]``: workers only (``<host>-worker_K``), no coordinator, started
+once the experiment exists, signing with the first host's key (copied to this machine); its runtime dir is
+``<name>-<hash>-join-<host>``, so ``status``, ``stop``, ``logs`` and ``systemd-unit`` take ``--join`` too.
+
 Exit codes: 0 success; 1 a node went FATAL / validation failed / stop timed out; 2 a user mistake
 (configuration, impossible GPU plan, a supervisor already running), one line on stderr, no traceback;
 3 ``status``: no supervisor is running; 128+N the supervisor was stopped by signal N (143 SIGTERM, 130 SIGINT).
@@ -38,6 +43,7 @@ from sapo.config import ConfigError
 from supervisor import detach, live, logview, procs, validate
 from supervisor.daemon import Supervisor
 from supervisor.gpu_plan import PlanError
+from supervisor.launch import host_id, joiner_config
 from supervisor.runfiles import AlreadyRunning, RuntimePaths, running_supervisor
 from supervisor.status import read_status
 from supervisor.systemd import render_unit, unit_name
@@ -74,15 +80,36 @@ def _node_command() -> list[str] | None:
 
 # --------------------------------------------------------------------------- the commands
 
+def _join_host(args) -> str | None:
+    """A joining host's id (``--join``, ``--host-id``), or None on the first host."""
+    if not getattr(args, "join", False):
+        if getattr(args, "host_id", None) is not None:
+            raise CommandError("--host-id names a joining host: use it with --join")
+        return None
+    return host_id(args.host_id)
+
+
+def _paths(args, config) -> RuntimePaths:
+    return RuntimePaths.for_config(config, _join_host(args))
+
+
 def cmd_launch(args) -> int:
-    extra = [f"supervisor.workers={args.workers}"] if args.workers is not None else []
+    host = _join_host(args)
+    # A joiner's --workers is its own count: the nodes keep the experiment's config (workers: names worker_1..N).
+    extra = [f"supervisor.workers={args.workers}"] if args.workers is not None and host is None else []
     config, overrides = _load(args, extra)
-    paths = RuntimePaths.for_config(config)
+    paths = RuntimePaths.for_config(config, host)
     pid = running_supervisor(paths)
     if pid is not None:
         raise AlreadyRunning(pid, paths.root)
     kwargs = dict(config_path=args.config, overrides=overrides, node_command=_node_command(),
-                  environ=_environ_with_key(args.key_file, paths.root))
+                  environ=_environ_with_key(args.key_file, paths.root, join=host is not None),
+                  runtime_dir=paths.root, host=host)
+    if host is not None:
+        if config.workers:
+            print(f"swarm: note: the config's workers: entries name the first host's worker_1 ... worker_N; this "
+                  f"host's workers ({host}-worker_1 ...) run the base config", file=sys.stderr)
+        config = joiner_config(config, args.workers)
     if args.detach:
         return detach.launch_detached(config, kwargs, paths)
     console = console_for(sys.stdout) if sys.stderr.isatty() else None
@@ -95,16 +122,21 @@ def cmd_launch(args) -> int:
     return rc
 
 
-def _environ_with_key(key_file: str | None, runtime_dir) -> dict[str, str]:
+def _environ_with_key(key_file: str | None, runtime_dir, *, join: bool = False) -> dict[str, str]:
     """The supervisor's environment for its nodes: ours plus the experiment key (``--key-file``, ``$SWARM_KEY``,
     ``$SWARM_KEY_FILE``, or ``<runtime dir>/swarm.key``, created at the first launch) as ``$SWARM_KEY``. Only
     the nodes get it (each logs its fingerprint as experiment_key); this process's own environment, which
     tracker and hook subprocesses inherit, does not. A bad key is a configuration error before anything
-    starts."""
+    starts; on a joining host (``join``) so is none: it must be given the first host's key, never make one."""
     try:
-        key, _ = resolve_key(key_file=key_file, runtime_dir=runtime_dir, create=True)
+        key, _ = resolve_key(key_file=key_file, runtime_dir=runtime_dir, create=not join)
     except KeyProblem as err:
         raise ConfigError("--key-file", str(err)) from None
+    if key is None:
+        raise CommandError(
+            "a joining host needs the experiment's key and was given none: copy swarm.key from the first host's "
+            "runtime dir (`swarm status CONFIG --json` there prints runtime_dir) to this machine, chmod 600 it, and "
+            f"pass --key-file PATH (or put it at {runtime_dir}/swarm.key, or set $SWARM_KEY to its contents)")
     environ = {k: v for k, v in os.environ.items() if k != KEY_FILE_ENV}
     environ[KEY_ENV] = key.hex()
     return environ
@@ -112,13 +144,13 @@ def _environ_with_key(key_file: str | None, runtime_dir) -> dict[str, str]:
 
 def cmd_status(args) -> int:
     config, _ = _load(args)
-    return live.show_status(RuntimePaths.for_config(config), config.experiment.name, as_json=args.json,
+    return live.show_status(_paths(args, config), config.experiment.name, as_json=args.json,
                             watch=args.watch, console=console_for(sys.stdout))
 
 
 def cmd_stop(args) -> int:
     config, _ = _load(args)
-    paths = RuntimePaths.for_config(config)
+    paths = _paths(args, config)
     pid = running_supervisor(paths)
     if pid is None:
         print(f"No supervisor is running for experiment {config.experiment.name!r}; nothing to stop.")
@@ -142,7 +174,7 @@ def cmd_stop(args) -> int:
 def cmd_logs(args) -> int:
     config, _ = _load(args)
     try:
-        return logview.show_logs(RuntimePaths.for_config(config), config, node=args.node, lines=args.lines,
+        return logview.show_logs(_paths(args, config), config, node=args.node, lines=args.lines,
                                  keep_following=args.follow, console=console_for(sys.stdout))
     except logview.UnknownNode as err:
         raise CommandError(str(err)) from None
@@ -168,11 +200,18 @@ def cmd_config(args) -> int:
 
 
 def cmd_systemd_unit(args) -> int:
+    host = _join_host(args)
     config, overrides = _load(args)
+    if host is not None:
+        config = joiner_config(config, args.workers)
+    elif args.workers is not None or args.key_file is not None:
+        raise CommandError("--workers and --key-file go into a joining host's unit: use them with --join "
+                           "(the first host's: --set supervisor.workers=N; its key is its runtime dir's swarm.key)")
     if args.name_only:
-        print(unit_name(config))
+        print(unit_name(config, host))
         return 0
-    sys.stdout.write(render_unit(config, config_path=args.config, overrides=overrides, user=args.user))
+    sys.stdout.write(render_unit(config, config_path=args.config, overrides=overrides, user=args.user, host=host,
+                                 key_file=args.key_file))
     return 0
 
 
@@ -206,13 +245,24 @@ def _command(sub, name: str, func, help: str, description: str) -> argparse.Argu
     return p
 
 
+def _join_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--join", action="store_true", help=what)
+    p.add_argument("--host-id", metavar="NAME", help="with --join: this host's id, the prefix of its worker ids "
+                   "(default: the hostname as a plain name)")
+
+
 def _run_commands(sub) -> None:
     """launch, status, stop, logs: the running swarm."""
     p = _command(sub, "launch", cmd_launch, "start the coordinator and N workers under the supervisor",
                  "Start the swarm and supervise it: restarts crashed or hung nodes, exits 0 when the experiment "
                  "finished. Foreground with a live status table on a terminal (plain log lines otherwise), "
-                 "or --detach.")
-    p.add_argument("--workers", type=int, metavar="N", help="number of workers (= --set supervisor.workers=N)")
+                 "or --detach. With --join, this machine joins an experiment whose coordinator runs on another "
+                 "host sharing the directory: workers only, named <host>-worker_K, started once the experiment "
+                 "exists, with the first host's key (--key-file, $SWARM_KEY).")
+    p.add_argument("--workers", type=int, metavar="N", help="number of workers (= --set supervisor.workers=N; with "
+                   "--join: this host's workers, default supervisor.workers)")
+    _join_args(p, "join a running experiment from another machine: workers only, no coordinator (needs the first "
+               "host's key)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background (new session); prints its pid; logs in the runtime dir")
     p.add_argument("--key-file", metavar="PATH",
@@ -223,16 +273,19 @@ def _run_commands(sub) -> None:
                  "Exit code 0 when a supervisor runs, 3 when none does.")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+    _join_args(p, "the joining host's supervisor (swarm launch --join)")
     p = _command(sub, "stop", cmd_stop, "stop the supervisor gracefully (nodes checkpoint first)",
                  "SIGTERM the supervisor; it SIGTERMs every node, waits stop_timeout_s for checkpoints, then "
                  "SIGKILLs. Waits for it to exit.")
     p.add_argument("--timeout", type=float, metavar="S", help="wait at most S seconds (default stop_timeout_s + 30)")
+    _join_args(p, "the joining host's supervisor (swarm launch --join)")
     p = _command(sub, "logs", cmd_logs, "merged, readable logs of every node (or one)",
                  "Print the last lines of every node's logs merged by time, each prefixed with its node id; "
                  "-f keeps following.")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
     p.add_argument("--node", metavar="ID", help="only this node (coordinator, worker_1, ..., supervisor)")
     p.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="lines of history to print (50)")
+    _join_args(p, "the joining host's logs (swarm launch --join)")
 
 
 def _file_commands(sub) -> None:
@@ -250,6 +303,10 @@ def _file_commands(sub) -> None:
                  "scripts/install_service.sh installs it.")
     p.add_argument("--user", help="User= of the service (default: you)")
     p.add_argument("--name-only", action="store_true", help="print only the unit's file name")
+    _join_args(p, "a joining host's unit: swarm launch CONFIG --join --host-id NAME --workers N")
+    p.add_argument("--workers", type=int, metavar="N", help="with --join: this host's workers")
+    p.add_argument("--key-file", metavar="PATH", help="with --join: the first host's key, copied here (the path "
+                   "goes into the unit, never the key)")
     p = _command(sub, "export", cmd_export, "write one node's checkpoint as a Hugging Face model directory",
                  "Take NODE's newest checkpoint listed in its signed index (or --round R), check its size, sha256, "
                  "zip archive and tensor shapes, load it into the model the worker builds (model.name, dtype) and "
@@ -272,7 +329,7 @@ def _file_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="swarm", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
+        prog="swarm", description="\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2, 3)),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _run_commands(sub)

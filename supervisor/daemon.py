@@ -1,8 +1,11 @@
 """The supervisor daemon: one coordinator and N workers, watched and restarted from one ``tick(now)``.
 
 :class:`Supervisor` owns one :class:`ManagedNode` per node (``coordinator``, ``worker_1`` … ``worker_N``),
-each wrapping a :class:`~supervisor.states.NodeStatus`. Every decision happens in :meth:`Supervisor.tick`,
-in this order:
+each wrapping a :class:`~supervisor.states.NodeStatus`. On a joining host (``swarm launch --join``, ``host``
+set) it owns workers only, ``<host>-worker_1`` … ``<host>-worker_N``, for an experiment whose coordinator runs
+elsewhere, and spawns them once the experiment exists (:class:`supervisor.launch.ExperimentGate`; until then
+the summary line says what it waits for, and ``waiting_for_experiment`` is logged every :data:`WAIT_LOG_S`).
+Every decision happens in :meth:`Supervisor.tick`, in this order:
 
 1. a recorded stop request starts the stop (:mod:`supervisor.stopping`: SIGTERM to every process
    group, one shared deadline ``stop_timeout_s``, then SIGKILL);
@@ -45,13 +48,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import structlog
 
-from node.heartbeat import default_runtime_dir
 from node.layout import ExperimentLayout
 from node.logs import LOG_MAX_BYTES, rotate_if_large, truncate_if_large
+from node.signing import KEY_ENV, KeyProblem, parse_key
 from supervisor import loop, procs, status
 from supervisor.gpu import GpuInfo
 from supervisor.hooks import EventHooks
-from supervisor.launch import DEFAULT_NODE_COMMAND, LaunchPlan, node_argv, node_env, node_names, plan_launch
+from supervisor.launch import (
+    DEFAULT_NODE_COMMAND, ExperimentGate, LaunchPlan, node_argv, node_env, node_names, plan_launch,
+)
 from supervisor.loop import EXIT_FATAL, EXIT_FINISHED
 from supervisor.managed import ManagedNode, RuntimeDisk, exit_info, hung_verdict
 from supervisor.nvml import open_gpu
@@ -70,6 +75,7 @@ STARTING_POLL_S = 0.25  # heartbeat polling while a node is starting (faster sta
 LOG_CHECK_S = 30.0  # how often the captured logs are checked against their size limit
 TRACKING_CLOSE_S = 30.0  # at the end, how long the tracking thread may take to stream the last lines
 DISK_FULL = "runtime_disk_full"  # the condition of a node held while the runtime disk is full
+WAIT_LOG_S = 30.0  # a joining host waiting for the experiment says so this often
 _AUTO: Any = object()
 
 
@@ -87,9 +93,10 @@ class Supervisor:
         runtime_dir: str | os.PathLike | None = None, notifier: SdNotifier | None = None, log: Any = None,
         environ: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
         sample_processes: bool = True, proc_root: str | os.PathLike = "/proc", gpu_release_timeout_s: float = 30.0,
-        shared_poll_s: float = 5.0, log_max_bytes: int = LOG_MAX_BYTES,
+        shared_poll_s: float = 5.0, log_max_bytes: int = LOG_MAX_BYTES, host: str | None = None,
     ):
         self.config = config
+        self.host = host  # a joining host's id (workers only); None on the first host
         self.sv = sv = config.supervisor
         self.config_path = str(Path(config_path).absolute()) if config_path else None
         self.overrides = list(overrides)
@@ -98,7 +105,7 @@ class Supervisor:
         self._gpu_arg = gpu
         self.gpu: GpuInfo | None = None if gpu is _AUTO else gpu
         self._own_gpu = False
-        self.paths = RuntimePaths(Path(runtime_dir) if runtime_dir else default_runtime_dir(config.experiment_dir))
+        self.paths = RuntimePaths(Path(runtime_dir)) if runtime_dir else RuntimePaths.for_config(config, host)
         self.log = log or structlog.get_logger("supervisor")
         self.notifier = notifier if notifier is not None else SdNotifier(log=self.log)
         self.environ = dict(os.environ if environ is None else environ)
@@ -107,8 +114,8 @@ class Supervisor:
         self.proc_root = proc_root
         self.gpu_release_timeout_s = gpu_release_timeout_s
         self.policy = RestartPolicy.from_section(sv)
-        self.nodes: dict[str, ManagedNode] = {
-            name: ManagedNode(NodeStatus(name, role)) for name, role in node_names(sv.workers)}
+        self.nodes: dict[str, ManagedNode] = (_JoinerNodes if host is not None else dict)(
+            (name, ManagedNode(NodeStatus(name, role))) for name, role in node_names(sv.workers, host))
         self.launch: LaunchPlan | None = None
         self.stagger: str | None = None  # the resolved supervisor.stagger (prepare() sets it with the device)
         self.exit_code: int | None = None
@@ -131,6 +138,18 @@ class Supervisor:
         self.runtime_disk = RuntimeDisk(self.paths.root, self.log)
         self.log_max_bytes = log_max_bytes
         self._next_log_check: float | None = None
+        self.gate = self._gate() if host is not None else None
+        self._wait_logged: tuple[float, str] | None = None  # when the wait for the experiment was last logged
+
+    def _gate(self) -> ExperimentGate:
+        """A joining host's wait for the experiment, checked with the key its nodes get (``$SWARM_KEY``)."""
+        raw = self.environ.get(KEY_ENV)
+        try:
+            key = parse_key(raw, source=f"${KEY_ENV}") if raw else None
+        except KeyProblem:
+            key = None  # the nodes refuse it at start with the reason (a configuration error)
+        return ExperimentGate.for_layout(ExperimentLayout.from_config(self.config), key,
+                                         required=self.config.exchange.require_signatures)
 
     # ------------------------------------------------------------------ setup and the outside world
 
@@ -181,7 +200,7 @@ class Supervisor:
 
     def env_for(self, node: ManagedNode) -> dict[str, str]:
         return node_env(self.environ, self.launch, role=node.role, node_id=node.name, runtime_dir=self.paths.root,
-                        workers=self.sv.workers)
+                        workers=self.sv.workers, host=self.host)
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Record a stop (safe from a signal handler); a second request kills without waiting."""
@@ -228,7 +247,9 @@ class Supervisor:
         if self._next_monitor is None or now >= self._next_monitor or done:
             self._next_monitor = now + self.sv.monitor_interval_s
             self._monitor(now)
-        self.notices.update(now, ready=status.launch_complete(self), summary=self.summary_line, done=done)
+        # A joiner waiting for the experiment is up and doing its job (systemd's start timeout must not fire).
+        ready = status.launch_complete(self) or self.waiting_for() is not None
+        self.notices.update(now, ready=ready, summary=self.summary_line, done=done)
         self.write_status(now, force=done)
         if done:
             self._finish()
@@ -318,9 +339,32 @@ class Supervisor:
         self.send_signal(node, signal.SIGKILL)
         change_state(node.status, S.STOPPING, reason=f"hung: {detail}", now=now, log=self.log)
 
+    def waiting_for(self) -> str | None:
+        """What a joining host still waits for before it spawns its workers (one line), or None."""
+        return self.gate.waiting if self.gate is not None else None
+
+    def _experiment_ready(self, now: float) -> bool:
+        """True once a joining host may spawn (always on the first host); logs the wait every WAIT_LOG_S."""
+        if self.gate is None:
+            return True
+        waiting = self.gate.check(now)
+        if waiting is None:
+            if self._wait_logged is not None:
+                self.log.info("experiment_found", path=str(self.gate.path), host=self.host)
+                self._wait_logged = None
+            return True
+        last = self._wait_logged
+        if self.gate.reads and (last is None or now - last[0] >= WAIT_LOG_S or last[1] != waiting):
+            self._wait_logged = (now, waiting)
+            self.log.warning("waiting_for_experiment", host=self.host, detail=waiting)
+        return False
+
     def _spawn_next(self, now: float) -> None:
         """Spawn the nodes that are due (STOPPED, or BACKOFF with its delay passed), in start order, while the
-        stagger policy lets them (:func:`~supervisor.states.spawn_held_by`): all of them with ``none``."""
+        stagger policy lets them (:func:`~supervisor.states.spawn_held_by`): all of them with ``none``. A
+        joining host spawns nothing before the experiment exists."""
+        if not self._experiment_ready(now):
+            return
         for node in self.nodes.values():
             if self._spawn_held() is not None:
                 return
@@ -375,7 +419,8 @@ class Supervisor:
         if all(n.status.state in TERMINAL_STATES for n in self.nodes.values()):
             return  # done anyway
         workers = [n.status for n in self.nodes.values() if n.role == "worker"]
-        if self.nodes["coordinator"].status.state is S.FATAL:
+        coordinator = self.nodes.get("coordinator")  # none on a joining host
+        if coordinator is not None and coordinator.status.state is S.FATAL:
             self.stop.begin(self.nodes.values(), now, "the coordinator is FATAL: the swarm cannot progress")
         elif workers and all(w.state is S.FATAL for w in workers):
             self.stop.begin(self.nodes.values(), now, "every worker is FATAL: the swarm cannot progress")
@@ -445,6 +490,9 @@ class Supervisor:
     def summary_line(self) -> str:
         """One line for STATUS= and the console: round, node counts, restarts; a full runtime disk first."""
         line = status.summary_line(self)
+        waiting = self.waiting_for()
+        if waiting is not None and self.exit_code is None:
+            line = f"{waiting}; {line}"
         full, held = self.runtime_disk.full, self._held_nodes()
         if full is not None and held:
             line = f"ERROR {full.one_line()}: {', '.join(held)} silent, not killed, waiting for space; {line}"
@@ -456,6 +504,8 @@ class Supervisor:
         snap["summary"] = self.summary_line()
         full = self.runtime_disk.full
         snap["runtime_disk_full"] = dataclasses.asdict(full) if full is not None else None
+        snap["join_host"] = self.host
+        snap["waiting_for"] = self.waiting_for()
         return snap
 
     def write_status(self, now: float | None = None, *, force: bool = True) -> None:
@@ -495,3 +545,15 @@ class Supervisor:
         """
         return loop.run(self, on_tick=on_tick, tick_interval=tick_interval, on_started=on_started)
 
+
+
+class _JoinerNodes(dict):
+    """A joining host's nodes: its workers, no coordinator. ``supervisor.status.current_round`` falls back on
+    ``nodes["coordinator"]`` (its heartbeat's round) while no state file was read; on a joiner that lookup sees
+    a coordinator that never ran here (round unknown) instead of a KeyError. Iteration, ``get`` and ``in`` see the
+    workers only."""
+
+    def __missing__(self, key: str) -> ManagedNode:
+        if key == "coordinator":
+            return ManagedNode(NodeStatus("coordinator", "coordinator"))
+        raise KeyError(key)

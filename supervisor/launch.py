@@ -5,7 +5,15 @@ instance by UUID and shares its memory among the workers (:func:`supervisor.gpu_
 worker's share from its own model in a heterogeneous swarm), or chooses the CPU. :func:`node_argv` and :func:`node_env` are the node contract: ``--config/--role/--node-id/--set``
 on the command line; ``NODE_ROLE``, ``NODE_ID``, ``SWARM_RUNTIME_DIR``, ``SWARM_DEVICE``,
 ``CUDA_VISIBLE_DEVICES`` (the UUID for GPU workers, empty for the coordinator), ``SWARM_MEMORY_BYTES`` and
-``OMP_NUM_THREADS`` in the environment. Pure functions of their arguments (and the CPU affinity).
+``OMP_NUM_THREADS`` in the environment (and ``SWARM_HOST_ID`` on a joining host). Pure functions of their
+arguments (and the CPU affinity).
+
+A **joining host** (``swarm launch CONFIG --join``) runs workers only, for an experiment whose coordinator runs
+elsewhere: :func:`host_id` names it (a plain-name form of the hostname, or ``--host-id``), :func:`node_names`
+names its workers ``<host>-worker_K``, and :func:`joiner_config` is the supervisor's own view of it (its N
+workers, no ``workers:`` entries: those name the first host's ``worker_1 ... worker_N``, so a joiner's workers
+run the base config). The nodes still get the experiment's config (file and ``--set``), unchanged.
+:class:`ExperimentGate` holds its spawns until the experiment exists.
 """
 
 from __future__ import annotations
@@ -13,11 +21,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from node import fsio
+from node.config import plain_name_problem
+from node.runtime import HOST_ID_ENV  # a joining host's id, handed to its nodes (the host in their peer records)
+from node.signing import SignatureError, Signer, fingerprint
 from sapo.config import ConfigError
 from supervisor.gpu import GpuDevice, GpuInfo, NoSuchGpu, requested_gpu
 from supervisor.gpu_plan import GpuPlan, PlanError, model_params, plan_memory, training_bytes
@@ -143,10 +157,40 @@ def _overridden(gpu: GpuInfo, chosen: GpuDevice, inherited: str) -> list[str]:
 # --------------------------------------------------------------------------- the node contract
 
 _WORKER_NUMBER = re.compile(r"^worker_([1-9][0-9]*)$")
+MAX_HOST_ID = 48  # <host>-worker_<K> must stay a plain name (64 characters at most)
 
-def node_names(workers: int) -> list[tuple[str, str]]:
-    """``[("coordinator", "coordinator"), ("worker_1", "worker"), …]`` in start order."""
+
+def node_names(workers: int, host: str | None = None) -> list[tuple[str, str]]:
+    """``[("coordinator", "coordinator"), ("worker_1", "worker"), …]`` in start order; on a joining ``host``
+    its workers only: ``[("<host>-worker_1", "worker"), …]``."""
+    if host is not None:
+        return [(f"{host}-worker_{i}", "worker") for i in range(1, workers + 1)]
     return [("coordinator", "coordinator")] + [(f"worker_{i}", "worker") for i in range(1, workers + 1)]
+
+
+def host_id(requested: str | None = None, hostname: str | None = None) -> str:
+    """A joining host's id: ``requested`` (``--host-id``) checked, else a plain-name form of the hostname (every
+    character outside letters, digits, ``_ - .`` replaced by ``-``, at most :data:`MAX_HOST_ID` characters).
+    ConfigError naming ``--host-id`` when the id cannot make plain node names."""
+    if requested is not None:
+        problem = plain_name_problem(requested)
+        if problem or len(requested) > MAX_HOST_ID:
+            raise ConfigError("--host-id", problem or f"at most {MAX_HOST_ID} characters (it prefixes the worker "
+                              f"ids: <host>-worker_K); got {len(requested)}")
+        return requested
+    raw = hostname if hostname is not None else socket.gethostname()
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", raw).replace("..", "-").lstrip("-_.")[:MAX_HOST_ID].rstrip("-_.")
+    return name or "host"
+
+
+def joiner_config(config, workers: int | None):
+    """The supervisor's own view of a joining host: ``workers`` workers (None: ``supervisor.workers``), no
+    ``workers:`` entries (they name the first host's worker_1 ... worker_N; a joiner's workers run the base
+    config). Its nodes are still given the experiment's config, unchanged."""
+    n = config.supervisor.workers if workers is None else workers
+    if n < 1:
+        raise ConfigError("--workers", f"a joining host needs at least one worker; got {n}")
+    return dataclasses.replace(config, supervisor=dataclasses.replace(config.supervisor, workers=n), workers=())
 
 
 def cpu_share(workers: int) -> int:
@@ -171,11 +215,14 @@ def node_argv(node_command: Sequence[str], config_path: str | None, overrides: S
 
 
 def node_env(environ: Mapping[str, str], launch: LaunchPlan | None, *, role: str, node_id: str,
-             runtime_dir: Path, workers: int) -> dict[str, str]:
-    """The environment of a node: ``environ`` minus systemd's variables, plus the contract's variables."""
+             runtime_dir: Path, workers: int, host: str | None = None) -> dict[str, str]:
+    """The environment of a node: ``environ`` minus systemd's variables, plus the contract's variables
+    (``SWARM_HOST_ID`` when ``host``, a joining host's id, is given)."""
     env = child_env(environ)
     device = launch.device if launch else "cpu"
     env.update(NODE_ROLE=role, NODE_ID=node_id, SWARM_RUNTIME_DIR=str(runtime_dir))
+    if host is not None:
+        env[HOST_ID_ENV] = host
     env.pop("SWARM_MEMORY_FRACTION", None)
     env.pop("SWARM_MEMORY_BYTES", None)
     if role == "coordinator" or device != "cuda":
@@ -197,3 +244,62 @@ def node_env(environ: Mapping[str, str], launch: LaunchPlan | None, *, role: str
         env["OMP_NUM_THREADS"] = str(1 if role == "coordinator" else cpu_share(workers))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+# --------------------------------------------------------------------------- a joining host's wait
+
+class ExperimentGate:
+    """A joining host's wait for the experiment it joins: ``state/config.json`` (the first host's first node writes
+    it) present and signed with the key this host was given. Its workers are spawned only then: a joiner pointed
+    at the wrong directory must not create an experiment of its own, and one given the wrong key would wait
+    forever for a state it cannot verify.
+
+    :meth:`check` returns None once open (it stays open), else one line saying what it waits for. The file is
+    read in a helper thread at most every ``interval_s`` (a mount that hangs never blocks the supervisor's loop),
+    through :mod:`node.fsio` (regular files only, size capped) and checked with :class:`node.signing.Signer`.
+    """
+
+    MAX_BYTES = 1024 * 1024  # a config snapshot is a few KiB
+
+    def __init__(self, path: Path, context: str, key: bytes | None, *, required: bool = True,
+                 interval_s: float = 1.0):
+        self.path, self.context, self.interval_s = Path(path), context, interval_s
+        self.signer = Signer(key, required=required)
+        self.key_text = f"fingerprint {fingerprint(key)}" if key is not None else "no key"
+        self.waiting: str | None = f"waiting for the experiment: looking for {self.path}"
+        self.reads = 0  # reads finished: the first verdict is worth logging, the placeholder above is not
+        self._thread: threading.Thread | None = None
+        self._next: float | None = None
+
+    @classmethod
+    def for_layout(cls, layout, key: bytes | None, *, required: bool = True, interval_s: float = 1.0):
+        """The gate on ``layout``'s ``state/config.json`` (signature context: its path in the experiment)."""
+        path = layout.config_file()
+        return cls(path, path.relative_to(layout.root).as_posix(), key, required=required, interval_s=interval_s)
+
+    def check(self, now: float) -> str | None:
+        """None when the experiment is there to join, else why this host still waits (``now``: monotonic)."""
+        if self.waiting is not None and (self._next is None or now >= self._next):
+            self._next = now + self.interval_s
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._read, name="experiment-gate", daemon=True)
+                self._thread.start()
+        return self.waiting
+
+    def _read(self) -> None:
+        where = f"waiting for the experiment: {self.path}"
+        try:
+            data, _ = fsio.read_capped(self.path, self.MAX_BYTES)
+            self.signer.verify(data, self.context)
+        except FileNotFoundError:
+            self.waiting = f"{where} does not exist yet (the first host's `swarm launch` writes it)"
+        except SignatureError as err:
+            self.waiting = (f"{where} is {err.reason} for this host's key ({self.key_text}): give this host the "
+                            f"first host's swarm.key (--key-file, $SWARM_KEY)")
+        except (OSError, fsio.BadFile) as err:
+            reason = err.reason if isinstance(err, fsio.BadFile) else (err.strerror or str(err))
+            self.waiting = f"{where} cannot be read ({reason})"
+        else:
+            self.waiting = None
+        finally:
+            self.reads += 1

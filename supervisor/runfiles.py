@@ -1,9 +1,9 @@
 """The supervisor's local runtime dir: its file names, the one-supervisor lock and pid file, atomic writes.
 
-The runtime dir is ``node.heartbeat.default_runtime_dir`` of the experiment (``$SWARM_RUNTIME_DIR`` wins):
-local disk, never the shared dir. It holds ``supervisor.lock`` (held while a supervisor runs),
-``supervisor.pid`` (its pid and process start time, so a reused pid is not taken for it),
-``status.json``, the nodes' heartbeats and every log. Stdlib, filelock and psutil only.
+The runtime dir is ``node.heartbeat.default_runtime_dir`` of the experiment (``$SWARM_RUNTIME_DIR`` wins;
+a joining host's gets ``-join-<host>`` appended): local disk, never the shared dir. It holds
+``supervisor.lock`` (held while a supervisor runs), ``supervisor.pid`` (its pid and process start time, so a
+reused pid is not taken for it), ``status.json``, the nodes' heartbeats and every log. Stdlib, filelock and psutil only.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import filelock
 import psutil
 
 from node.fsio import write_atomic
-from node.heartbeat import default_runtime_dir, heartbeat_path
+from node.heartbeat import RUNTIME_DIR_ENV, default_runtime_dir, heartbeat_path
 from supervisor import procs
 
 
@@ -40,9 +40,14 @@ class RuntimePaths:
     root: Path
 
     @classmethod
-    def for_config(cls, config) -> "RuntimePaths":
-        """``node.heartbeat.default_runtime_dir`` of the experiment (``$SWARM_RUNTIME_DIR`` wins)."""
-        return cls(Path(default_runtime_dir(config.experiment_dir)))
+    def for_config(cls, config, host: str | None = None) -> "RuntimePaths":
+        """``node.heartbeat.default_runtime_dir`` of the experiment (``$SWARM_RUNTIME_DIR`` wins); on a joining
+        ``host`` that directory's name plus ``-join-<host>``: its own lock, key and logs, so a joiner and the
+        first host (or two joiners) can run on one machine."""
+        if host is None or os.environ.get(RUNTIME_DIR_ENV):
+            return cls(Path(default_runtime_dir(config.experiment_dir)))
+        first = Path(default_runtime_dir(config.experiment_dir))
+        return cls(first.with_name(f"{first.name}-join-{host}"))
 
     @property
     def lock(self) -> Path:

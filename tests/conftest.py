@@ -82,6 +82,12 @@ class FlakyMount:
     def up(self) -> None:
         (self.control / "down").unlink(missing_ok=True)
 
+    def delay(self, seconds: float) -> None:
+        """Files others write to the backing dir show up here only ``seconds`` after they appeared, as another
+        host's writes do on Drive (0: at once); files written through the mount are seen at once."""
+        self.control.mkdir(parents=True, exist_ok=True)
+        (self.control / "delay_s").write_text(f"{seconds}\n")
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -6,6 +6,12 @@
 Every operation is passed through to BACKING_DIR, except while ``CONTROL_DIR/down`` exists: then every
 operation fails with ENOTCONN ("Transport endpoint is not connected"), as a disconnected Drive does. If
 ``CONTROL_DIR/latency_ms`` holds a number, every operation sleeps that long first (a slow mount).
+
+If ``CONTROL_DIR/delay_s`` holds a number N, a regular file written to BACKING_DIR by someone else (another
+host's writes, as Drive propagates them) becomes visible here only N seconds after it appeared: until then
+lookups, opens and directory listings do not show it. A path is dated when this mount first sees it (its
+mtime or ctime then, whichever is later) and, once shown, stays shown (a rewrite under the same name is seen
+at once). Files created or renamed through the mount are this host's own writes: visible at once.
 Run it as its own process (a FUSE server in the process that uses the mount deadlocks); unmount with
 ``fusermount -u MOUNTPOINT`` (or ``umount -l``) after killing it.
 """
@@ -14,7 +20,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
+import threading
 import time
 
 from fuse import FUSE, FuseOSError, Operations
@@ -27,6 +35,10 @@ class FlakyPassthrough(Operations):
         self.backing = os.path.realpath(backing)
         self.down_flag = os.path.join(control, "down")
         self.latency_file = os.path.join(control, "latency_ms")
+        self.delay_file = os.path.join(control, "delay_s")
+        self._delay = (0.0, float("-inf"))  # (seconds, when read): the control file is read at most twice a second
+        self._visible_at: dict[str, float] = {}  # path -> when it may be shown (0: our own write)
+        self._lock = threading.Lock()
 
     def _guard(self) -> None:
         if os.path.exists(self.latency_file):
@@ -40,6 +52,43 @@ class FlakyPassthrough(Operations):
     def _full(self, path: str) -> str:
         return os.path.join(self.backing, path.lstrip("/"))
 
+    def _delay_s(self) -> float:
+        value, read_at = self._delay
+        now = time.monotonic()
+        if now - read_at >= 0.5:
+            try:
+                value = float(open(self.delay_file).read().strip() or 0)
+            except (OSError, ValueError):
+                value = 0.0
+            self._delay = (value, now)
+        return value
+
+    def _hidden(self, path: str) -> bool:
+        """A regular file someone else wrote less than delay_s ago (see the module doc)."""
+        delay = self._delay_s()
+        if delay <= 0:
+            return False
+        with self._lock:
+            at = self._visible_at.get(path)
+        if at is None:
+            try:
+                st = os.lstat(self._full(path))
+            except OSError:
+                return False
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            with self._lock:
+                at = self._visible_at.setdefault(path, max(st.st_mtime, st.st_ctime) + delay)
+        return time.time() < at
+
+    def _mine(self, path: str) -> None:
+        with self._lock:
+            self._visible_at[path] = 0.0
+
+    def _check_visible(self, path: str) -> None:
+        if self._hidden(path):
+            raise FuseOSError(errno.ENOENT)
+
     def __call__(self, op, *args):
         self._guard()
         try:
@@ -51,16 +100,19 @@ class FlakyPassthrough(Operations):
 
     # metadata
     def access(self, path, mode):
+        self._check_visible(path)
         if not os.access(self._full(path), mode):
             raise FuseOSError(errno.EACCES)
 
     def getattr(self, path, fh=None):
+        self._check_visible(path)
         st = os.lstat(self._full(path))
         keys = ("st_atime", "st_ctime", "st_gid", "st_mode", "st_mtime", "st_nlink", "st_size", "st_uid", "st_ino")
         return {k: getattr(st, k) for k in keys}
 
     def readdir(self, path, fh):
-        return [".", "..", *os.listdir(self._full(path))]
+        names = os.listdir(self._full(path))
+        return [".", "..", *(n for n in names if not self._hidden(os.path.join(path, n)))]
 
     def readlink(self, path):
         return os.readlink(self._full(path))
@@ -92,12 +144,14 @@ class FlakyPassthrough(Operations):
 
     def rename(self, old, new):
         os.replace(self._full(old), self._full(new))
+        self._mine(new)
 
     def symlink(self, target, source):
         os.symlink(source, self._full(target))
 
     def link(self, target, source):
         os.link(self._full(source), self._full(target))
+        self._mine(target)
 
     def truncate(self, path, length, fh=None):
         with open(self._full(path), "r+b") as f:
@@ -105,10 +159,13 @@ class FlakyPassthrough(Operations):
 
     # files
     def open(self, path, flags):
+        self._check_visible(path)
         return os.open(self._full(path), flags)
 
     def create(self, path, mode, fi=None):
-        return os.open(self._full(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fd = os.open(self._full(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        self._mine(path)
+        return fd
 
     def read(self, path, size, offset, fh):
         return os.pread(fh, size, offset)

@@ -8,6 +8,8 @@
   :func:`supervisor.status.read_status` and metrics, events and logs through :func:`node.fsio.read_jsonl`,
   records every pid it sees, kills nodes, stops the supervisor, and :meth:`Swarm.close` always leaves no
   process behind (SIGKILL to each process group, then reap).
+- A joining host (``Swarm(..., join_host="hostb")``): ``swarm launch CONFIG --join --host-id hostb`` with its own
+  runtime dir, workers ``hostb-worker_K`` only; ``status``/``stop``/``logs`` get ``--join`` too.
 - :class:`Timeouts`: how long a correct swarm may take, from its config (``startup_timeout_s`` per node of
   the staggered start, ``round_timeout_s`` per round, ...), never from how fast an idle machine is: the
   tests must pass while other processes keep every core busy.
@@ -251,7 +253,8 @@ class Swarm:
     change and every state round seen. :meth:`close` SIGKILLs whatever is still alive and reaps it."""
 
     def __init__(self, root: Path, *sets: str, config: Path = CONFIG, shared: Path | None = None,
-                 env: dict | None = None, tracker: ProcessTracker | None = None):
+                 env: dict | None = None, tracker: ProcessTracker | None = None, join_host: str | None = None,
+                 join_workers: int | None = None, key_file: Path | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path = Path(config)
@@ -264,6 +267,15 @@ class Swarm:
         self.exp = self.config.experiment_dir
         self.workers = tuple(f"worker_{i}" for i in range(1, self.config.supervisor.workers + 1))
         self.names = ("coordinator", *self.workers)
+        self.join_host = join_host  # a joining host (`swarm launch --join`): its workers only
+        self.join_args: list[str] = []
+        self.launch_args: list[str] = []
+        if join_host is not None:
+            n = join_workers or self.config.supervisor.workers
+            self.workers = tuple(f"{join_host}-worker_{i}" for i in range(1, n + 1))
+            self.names = self.workers
+            self.join_args = ["--join", "--host-id", join_host]
+            self.launch_args = ["--workers", str(n), *(["--key-file", str(key_file)] if key_file else [])]
         self.tracker = tracker or ProcessTracker()
         self.proc: subprocess.Popen | None = None  # the supervisor
         self.nodes: dict[str, subprocess.Popen] = {}  # nodes started by hand
@@ -278,6 +290,8 @@ class Swarm:
 
     # -- running
     def command(self, sub: str, *extra: str) -> list[str]:
+        if self.join_args and sub in ("launch", "status", "stop", "logs"):
+            extra = (*self.join_args, *(self.launch_args if sub == "launch" else ()), *extra)
         cmd = [PY, "-m", "supervisor.cli", sub, str(self.config_path), *extra]
         for item in self.sets:
             cmd += ["--set", item]
