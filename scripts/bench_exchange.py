@@ -7,6 +7,10 @@ publish its own rollout file (atomic write with fsync), list the round's stage d
 peer file and validate it against the schema (size cap, strict JSON, types, path consistency).
 Prints the median (and p90) milliseconds per round for each peer count, split into our publish (atomic
 write + fsync: independent of the peer count) and fetch + validate (grows with it). Goal: < 20 ms for 4 peers.
+Beside them, the OS calls one node's exchange makes on the shared dir per round (counted through the store's
+``fs``: what a network mount gets as round trips when nothing is cached): all of them, then the listings,
+the stats (lstat, stat, fstat) and the opens. ``--call-ms X`` sleeps X ms in every such call, a model of a
+mount whose every call is a round trip (Drive, NFS; docs/OPERATIONS.md "More than one machine").
 
 Then the signatures (HMAC-SHA256 over each file, docs/RELIABILITY.md, threat model) at ``--sign-peers``
 peers (64 by default): the same exchange without a key and with one, rounds interleaved in one run, side by
@@ -15,6 +19,7 @@ as a percentage of the exchange without a key. Goal: < 5 %.
 
     python scripts/bench_exchange.py                 # 4, 8, 16, 32 and 64 peers, 20 rounds; signing at 64
     python scripts/bench_exchange.py --peers 4 16 64 --rounds 50 --dir /mnt/drive/tmp
+    python scripts/bench_exchange.py --peers 4 8 16 32 64 --call-ms 20 --sign-peers 0   # a 20 ms/call mount
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from node.fsio import RealFS  # noqa: E402
 from node.layout import ExperimentLayout  # noqa: E402
 from node.schemas import Rollout, RolloutFile, TaskRef  # noqa: E402
 from node.signing import Signer  # noqa: E402
@@ -52,16 +58,38 @@ def make_file(peer: str, rnd: int, groups: int, completions: int, rng: random.Ra
     return RolloutFile(peer_id=peer, round=rnd, stage=0, timestamp=time.time(), rollouts=rollouts)
 
 
-class Exchange:
-    """One node's view of a simulated experiment with ``peers`` peers, signed with ``key`` (None: unsigned)."""
+class CountingFS(RealFS):
+    """The OS calls of the store, counted by name; each one delayed by ``call_ms`` (a mount's round trip)."""
 
-    def __init__(self, base: Path, peers: int, groups: int, completions: int, key: bytes | None, tag: str = ""):
+    def __init__(self, call_ms: float = 0.0):
+        self.calls: dict[str, int] = {}
+        self.delay_s = call_ms / 1000.0
+
+    def __getattribute__(self, name):
+        attr = super().__getattribute__(name)
+        if name.startswith("_") or name in ("calls", "delay_s") or not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            return attr(*args, **kwargs)
+        return counted
+
+
+class Exchange:
+    """One node's view of a simulated experiment with ``peers`` peers, signed with ``key`` (None: unsigned),
+    its OS calls through ``fs`` (default: the real ones, uncounted)."""
+
+    def __init__(self, base: Path, peers: int, groups: int, completions: int, key: bytes | None, tag: str = "",
+                 fs: RealFS | None = None):
         self.rng = random.Random(peers)
         self.layout = ExperimentLayout.for_experiment(base / f"p{peers}{tag}", "bench")
         self.layout.ensure_dirs()
         self.me = "worker_0"
         self.store = SharedStore(self.layout, node_id=self.me, lock_dir=base / "locks", spool_dir=base / f"spool{peers}{tag}",
-                                 signer=Signer(key))
+                                 signer=Signer(key), fs=fs)
         self.others = [f"worker_{i}" for i in range(1, peers)]
         self.groups, self.completions, self.peers = groups, completions, peers
 
@@ -107,15 +135,26 @@ class Exchange:
         return (t2 - t1) * 1000.0, (t1 - t0) * 1000.0
 
 
-def bench(peers: int, rounds: int, groups: int, completions: int, base: Path) -> tuple[list[float], list[float]]:
-    """Milliseconds per round: (publish + fetch + validate, publish alone)."""
-    ex = Exchange(base, peers, groups, completions, None)
-    times, publish = [], []
+CALL_KINDS = {"list": ("listdir",), "stat": ("lstat", "stat", "fstat"), "open": ("open",)}
+
+
+def bench(peers: int, rounds: int, groups: int, completions: int, base: Path, call_ms: float = 0.0
+          ) -> tuple[list[float], list[float], dict[str, float]]:
+    """Milliseconds per round: (publish + fetch + validate, publish alone), and the store's OS calls per round
+    (``all`` and per :data:`CALL_KINDS`), each call delayed by ``call_ms``."""
+    fs = CountingFS(call_ms)
+    ex = Exchange(base, peers, groups, completions, None, fs=fs)
+    times, publish, counted = [], [], {}
     for r in range(rounds):
-        total, pub = ex.round(r, ex.prepare(r))
+        mine = ex.prepare(r)
+        before = dict(fs.calls)
+        total, pub = ex.round(r, mine)
         times.append(total)
         publish.append(pub)
-    return times, publish
+        for name, n in fs.calls.items():
+            counted[name] = counted.get(name, 0) + n - before.get(name, 0)
+    per_round = {kind: sum(counted.get(n, 0) for n in names) / rounds for kind, names in CALL_KINDS.items()}
+    return times, publish, {"all": sum(counted.values()) / rounds, **per_round}
 
 
 def bench_signing(peers: int, rounds: int, groups: int, completions: int, base: Path) -> dict[str, float]:
@@ -152,20 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="where to put the experiment (default: a temp dir)")
     ap.add_argument("--sign-peers", type=int, default=64,
                     help="peer count of the signing comparison (default 64; 0: skip it)")
+    ap.add_argument("--call-ms", type=float, default=0.0,
+                    help="sleep this long in every OS call of the exchange table: a mount whose every call is a "
+                         "round trip (default 0: local disk as it is)")
     args = ap.parse_args(argv)
-    if min(args.peers) < 1 or args.rounds < 1 or args.sign_peers < 0:
-        ap.error("--peers and --rounds must be >= 1, --sign-peers >= 0")
+    if min(args.peers) < 1 or args.rounds < 1 or args.sign_peers < 0 or args.call_ms < 0:
+        ap.error("--peers and --rounds must be >= 1, --sign-peers and --call-ms >= 0")
     with tempfile.TemporaryDirectory(prefix="bench_exchange_", dir=args.dir) as tmp:
+        latency = f", every OS call +{args.call_ms:g} ms" if args.call_ms else ""
         print(f"{'peers':>6} {'ms/round (median)':>18} {'p90':>8} {'publish':>8} {'fetch+validate':>15} "
-              f"{'ms/peer file':>13}   (I={args.groups}, G={args.completions}, {args.rounds} rounds, {tmp})")
+              f"{'ms/peer file':>13} {'calls':>7} {'list':>5} {'stat':>6} {'open':>6}   (I={args.groups}, "
+              f"G={args.completions}, {args.rounds} rounds{latency}, {tmp}; calls: OS calls per round)")
         bench(4, 3, args.groups, args.completions, Path(tmp) / "warm-up")  # imports, first directories
         for p in args.peers:
-            times, publish = bench(p, args.rounds, args.groups, args.completions, Path(tmp))
+            times, publish, calls = bench(p, args.rounds, args.groups, args.completions, Path(tmp), args.call_ms)
             med = statistics.median(times)
             p90 = sorted(times)[max(0, int(len(times) * 0.9) - 1)]
             pub = statistics.median(publish)
             fetch = statistics.median(t - q for t, q in zip(times, publish))
-            print(f"{p:>6} {med:>18.2f} {p90:>8.2f} {pub:>8.2f} {fetch:>15.2f} {fetch / p:>13.3f}")
+            print(f"{p:>6} {med:>18.2f} {p90:>8.2f} {pub:>8.2f} {fetch:>15.2f} {fetch / p:>13.3f} {calls['all']:>7.0f} "
+                  f"{calls['list']:>5.0f} {calls['stat']:>6.0f} {calls['open']:>6.0f}")
         if args.sign_peers:
             rounds = max(args.rounds, 2)
             sig = bench_signing(args.sign_peers, rounds, args.groups, args.completions, Path(tmp))
