@@ -48,6 +48,7 @@ FAKE_NODE = TESTS / "fake_node.py"
 FIGURES_ENV = "CHAOS_FIGURES"
 WORKERS = ("worker_1", "worker_2")
 STARTUP_TIMEOUT_S = 120
+CRASH_LOOP_MARGIN = 5  # node restarts beyond those a scenario causes before its wait gives up
 
 # Settings every real-node scenario shares: fast heartbeats, a bounded stall when a worker dies mid-round
 # (its peer record goes stale after heartbeat_timeout_s, the round after round_timeout_s at the latest), and a
@@ -205,13 +206,31 @@ class Chaos:
 
     def end(self, run: Swarm, end: End) -> dict:
         """What every scenario ends with: the exit code, the data audit, `swarm validate`; the audit's facts."""
-        rc = run.stop() if end.sigterm else run.wait_exit(run.t.budget(rounds=run.config.experiment.max_rounds))
+        rc = run.stop() if end.sigterm else self._wait_exit(run)
         self.fig.check(rc == end.code, f"`swarm launch` in {run.root.name}/ exited {rc} (expected {end.code})")
         facts = audit_run(run, self.fig, self.max_rounds or 0, finished=end.code == 0) if end.audit else {}
         if end.validate:
             validate = run.cli("validate")
             self.fig.check(validate.returncode == 0, f"swarm validate failed:\n{validate.stdout[-1500:]}")
         return facts
+
+    def crash_loop(self, run: Swarm) -> str | None:
+        """Why waiting on ``run`` is pointless: its nodes restarted far more often than the scenario causes
+        (a crash loop would otherwise run into max_restarts minutes later), or its supervisor exited."""
+        allowed = self.scenario.restarts[0 if self.quick else 1] + CRASH_LOOP_MARGIN
+        restarts = {n: run.node(n).get("restarts") or 0 for n in run.names}
+        if sum(restarts.values()) > allowed:
+            return f"nodes restarting in a loop {restarts}"
+        if run.proc is not None and run.proc.poll() is not None:
+            return f"the supervisor exited ({run.proc.returncode})"
+        return None
+
+    def _wait_exit(self, run: Swarm) -> int:
+        """The supervisor's exit code, within the time every round may take (see :meth:`crash_loop`)."""
+        wait_for(lambda: run.proc.poll() is not None, run.t.budget(rounds=run.config.experiment.max_rounds),
+                 "the supervisor to exit", poll=0.2, fail_if=lambda: self.crash_loop(run) if run.proc.poll() is None
+                 else None, details=lambda: run.output()[-3000:])
+        return run.proc.returncode
 
     def close(self) -> None:
         """Nothing may be left: SIGKILL what is (a problem), then every pid ever seen must be dead."""
@@ -926,12 +945,14 @@ def register_fake_peers(exp: Path, holder: KeyHolder, names) -> None:
                       "started_at": now, "heartbeat_at": now, "round": 0, "progress": 1, "status": "finished"})
 
 
-def overwrite_after_publish(run: Swarm, worker: str, rounds: range, toy_group: list[dict]) -> dict[int, str]:
+def overwrite_after_publish(c: Chaos, run: Swarm, worker: str, rounds: range, toy_group: list[dict]) -> dict[int, str]:
     """As an outsider, replace ``worker``'s own rollout file of each of ``rounds`` as soon as it publishes it:
     forged rewards, alternately unsigned and with a made-up signature. Returns round -> how."""
     done: dict[int, str] = {}
     deadline = time.monotonic() + run.t.budget(rounds=len(rounds))
     while time.monotonic() < deadline and (run.state() or {}).get("finished") is not True:
+        reason = c.crash_loop(run)
+        assert reason is None, f"{reason} while overwriting {worker}'s rollout files"
         r = run.state_round()
         p = run.exp / "rollouts" / f"round_{r}" / "stage_0" / f"{worker}.json"
         if r in rounds and r not in done:
@@ -988,7 +1009,7 @@ def malicious_peer_files(c: Chaos):
                   f"prompt not matching its task); an outsider's: the same unsigned under other names, a pickle "
                   f".pt, worker_2's own file overwritten after each publish (unsigned / made-up signature); "
                   f"rewards/round_{link_round} as a symlink out of the experiment")
-    overwritten = overwrite_after_publish(run, "worker_2", range(first, max_rounds), toy)
+    overwritten = overwrite_after_publish(c, run, "worker_2", range(first, max_rounds), toy)
     facts = yield run
     restarts = {n: run.node(n).get("restarts") for n in run.names}
     fig.check(set(restarts.values()) == {0}, f"nodes restarted (a crash?): {restarts}")

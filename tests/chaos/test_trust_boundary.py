@@ -48,4 +48,6 @@ def test_planted_results_and_thousands_of_fake_peers_neither_race_nor_stall_the_
 
 @backstop(trust_scenarios.startup_under_load)
 def test_no_worker_misses_round_0_when_every_core_is_busy_at_launch(tmp_path):
+    """stress-ng on every core during the launch, and worker_2's model load held longer than
+    heartbeat_timeout_s after its "starting" peer record: round 0 waits until both workers run."""
     run_passing(trust_scenarios.startup_under_load, tmp_path)

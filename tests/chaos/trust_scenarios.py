@@ -42,7 +42,8 @@ def _no_early_finish(run: Swarm, what: str) -> None:
 
 
 def _common_checks(c: Chaos, run: Swarm, facts: dict, outside: Outside, *, planted: int,
-                   restarts: dict[str, int] | None = None, may_skip: tuple[str, ...] = ()) -> str:
+                   restarts: dict[str, int] | None = None, may_skip: tuple[str, ...] = (),
+                   also: tuple[Path, ...] = ()) -> str:
     """What every attack scenario ends with (see the module doc); the log figure for ``measured``."""
     fig = c.fig
     expected = {n: (restarts or {}).get(n, 0) for n in run.names}
@@ -54,7 +55,7 @@ def _common_checks(c: Chaos, run: Swarm, facts: dict, outside: Outside, *, plant
     crashed = [(n, e.get("exception", "")[-300:]) for n in run.names for e in run.node_log(n)
                if e.get("event") == "node_crashed"]
     fig.check(not crashed, f"nodes crashed: {crashed[:2]}")
-    outside.check(fig, run, c.workdir / "stress")
+    outside.check(fig, run, c.workdir / "stress", *also)
     return check_logs(c, run, planted=planted, restarts=sum(expected.values()))
 
 
@@ -351,8 +352,10 @@ def planted_files(c: Chaos):
     fig.details["rounds ended by timeout"] = timeouts
     fig.details["round time"] = _fmt_s(durations)
     fig.recover = "none needed: every round ended on both workers' results"
-    fig.measured = (f"0 rounds lost or raced, {len(timeouts)} of {len(advanced)} rounds ended by timeout, the real "
-                    f"peer's groups in every round; round time {_fmt_s(durations)}; {logs}")
+    with_peer = {w: f"{len(run.metrics(w)) - len(short[w])}/{len(run.metrics(w))}" for w in WORKERS}
+    fig.details["rounds with the real peer's groups"] = with_peer
+    fig.measured = (f"{len(timeouts)} of {len(advanced)} rounds ended by timeout (none raced, none skipped); rounds "
+                    f"with the real peer's groups {with_peer}; round time {_fmt_s(durations)}; {logs}")
 
 
 def _advance_times(events: list[dict]) -> list[float]:
@@ -378,6 +381,41 @@ def _start_load(c: Chaos) -> subprocess.Popen | list[subprocess.Popen]:
     return procs
 
 
+SLOW_LOAD_SITE = """# Test-only (tests/chaos/trust_scenarios.py): hold {node}'s model load for {seconds} s, as a large model
+# on a busy machine takes, between its "starting" peer record and its first heartbeat.
+import time
+
+
+def _argv():
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return f.read().split(b"\\0")
+    except OSError:
+        return []
+
+
+if b"node" in _argv() and b"{node}" in _argv():
+    import node.models as _models
+
+    _load = _models.load_model
+
+    def _slow_load(*args, **kwargs):
+        time.sleep({seconds})
+        return _load(*args, **kwargs)
+
+    _models.load_model = _slow_load
+"""
+
+
+def slow_model_load(c: Chaos, node: str, seconds: float) -> dict:
+    """The environment that makes ``node``'s model load take ``seconds`` longer (a ``sitecustomize`` first on
+    PYTHONPATH; the other processes are untouched)."""
+    site = c.workdir / "slow_load"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(SLOW_LOAD_SITE.format(node=node, seconds=seconds))
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
 def _stop_load(procs) -> None:
     for p in procs:
         try:
@@ -387,13 +425,18 @@ def _stop_load(procs) -> None:
         p.wait(timeout=30)
 
 
-@scenario("Start-up under load: every core busy during the launch", rounds=(4, 10))
+@scenario("Start-up under load: every core busy during the launch, a slow model load", rounds=(4, 10))
 def startup_under_load(c: Chaos):
     """Every core kept busy (stress-ng) from before `swarm launch` until both workers trained round 0:
-    imports and model loads take several times longer, the staggered start with it; round 0 waits for
-    every expected worker (bounded by startup_timeout_s, not round_timeout_s), so none misses it."""
+    imports and model loads take several times longer, the staggered start with it; worker_2's model load
+    also takes heartbeat_timeout_s + 5 s longer (what a large model does), after its "starting" peer record.
+    Round 0 waits for every expected worker to be running (bounded by startup_timeout_s, not
+    round_timeout_s), so none misses it."""
     fig = c.fig
-    run, outside = _attacked_swarm(c)
+    slow_s = c.scenario.timeouts(c.quick).config.supervisor.heartbeat_timeout_s + 5
+    run = c.swarm(env=slow_model_load(c, "worker_2", slow_s))
+    run.sample_signed_states_only = True
+    outside = Outside(c.workdir)
     outside.seal()
     load = _start_load(c)
     try:
@@ -404,18 +447,20 @@ def startup_under_load(c: Chaos):
         loaded_s = time.monotonic() - t0
     finally:
         _stop_load(load)
-    fig.faults = f"{fig.details['load']} from before the launch until round 0 ended ({loaded_s:.0f} s)"
+    fig.faults = (f"{fig.details['load']} from before the launch until round 0 ended ({loaded_s:.0f} s); "
+                  f"worker_2's model load {slow_s:g} s longer")
     facts = yield run
-    logs = _common_checks(c, run, facts, outside, planted=0)
-    for w in WORKERS:
-        fig.check(0 in facts.get(w, {}).get("trained", []), f"{w} did not train round 0")
+    logs = _common_checks(c, run, facts, outside, planted=0, also=(c.workdir / "slow_load",))
+    missed = [w for w in WORKERS if 0 not in facts.get(w, {}).get("trained", [])]
+    fig.check(not missed, f"{missed} did not train round 0")
     starting = _events(run, "coordinator", "swarm_starting")
     fig.check(bool(starting) and set(starting[0].get("workers") or []) >= set(WORKERS),
               f"round 0 did not start with every worker: {starting[:1]}")
     waited = starting[0].get("waited_s") if starting else None
     fig.details["coordinator waited for the workers"] = f"{waited} s"
     fig.recover = f"none needed: round 0 held {waited} s for both workers"
-    fig.measured = f"launch → round 0 over {loaded_s:.0f} s under load; both workers trained round 0; {logs}"
+    fig.measured = (f"launch → round 0 over {loaded_s:.0f} s under load; round 0 missed by "
+                    f"{', '.join(missed) or 'no worker'}; {logs}")
 
 
 TRUST_SCENARIOS = {
