@@ -327,6 +327,7 @@ class SwarmScan:
         listed = set(out)
         for gone in [name for name in self._peers if name not in listed]:
             del self._peers[gone]
+            self._rewards.pop(gone, None)
         if len(self._peers) >= _SWARM_REMEMBERED:
             self._peers = {k: v for k, v in self._peers.items() if v.record is not None}
         return out, None
