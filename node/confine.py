@@ -49,11 +49,32 @@ class Confinement:
         lexical = _lexical(p)
         if not any(_is_inside(lexical, _lexical(b)) for b in self.bases):
             raise ValueError(f"refusing path outside the experiment directory: {str(p)!r}")
-        real = os.path.join(os.path.realpath(os.path.dirname(lexical)), os.path.basename(lexical))
+        real = os.path.join(self._resolve_dir(os.path.dirname(lexical)), os.path.basename(lexical))
         if not any(_is_inside(real, b) for b in self._real()) and not any(
                 _is_inside(real, b) for b in self._real(fresh=True)):
             raise ValueError(f"refusing path that resolves outside the experiment directory: {str(p)!r}")
         return p
+
+    def _resolve_dir(self, directory: str) -> str:
+        """``os.path.realpath(directory)`` (lexically normalised), resolving only the components below the
+        base it lies in (whose own resolution is cached): a few lstats instead of one per component from /.
+        A symlink among them hands the whole path to realpath."""
+        for base, real_base in zip(map(_lexical, self.bases), self._real()):
+            if not _is_inside(directory, base):
+                continue
+            current = real_base
+            rest = [] if directory == base else directory[len(base.rstrip(os.sep)) + 1:].split(os.sep)
+            for i, part in enumerate(rest):
+                candidate = os.path.join(current, part)
+                try:
+                    st = os.lstat(candidate)
+                except OSError:  # missing (a write creates it): the rest stays as written, as realpath does
+                    return os.path.join(candidate, *rest[i + 1:])
+                if stat.S_ISLNK(st.st_mode):
+                    return os.path.realpath(directory)
+                current = candidate
+            return current
+        return os.path.realpath(directory)
 
     def check_writable(self, path: Path | str) -> Path:
         """:meth:`check_inside` for a write. ``round_R``/``stage_S`` directories are created by the nodes

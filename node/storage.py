@@ -120,6 +120,7 @@ class SharedStore:
         self._locks = LockBox(self.lock_dir)
         bases = [self.root] + ([self.layout.archive_root] if self.layout.archive_root else [])
         self._confine = Confinement(bases, self.fs)
+        self._context_bases = [os.path.normpath(os.path.abspath(b)).rstrip(os.sep) + os.sep for b in bases]
         spool_lock = "spool-" + (node_id or "_shared")
         self._spool = Spool(self.spool_dir, self.root, lambda: self.lock(spool_lock), self._warn)
 
@@ -212,11 +213,10 @@ class SharedStore:
         """What a signature binds a file to: its path relative to the experiment (or archive) dir, so a
         signed file copied to another round or node no longer verifies; an archived copy still does."""
         lexical = os.path.normpath(os.path.abspath(path))
-        for base in self._confine.bases:
-            b = os.path.normpath(os.path.abspath(base))
-            if lexical.startswith(b + os.sep):
-                return Path(os.path.relpath(lexical, b)).as_posix()
-        return Path(lexical).name
+        for base in self._context_bases:
+            if lexical.startswith(base):
+                return lexical[len(base):].replace(os.sep, "/")
+        return os.path.basename(lexical)
 
     def verified(self, path: Path | str, data: bytes, sig: tuple = ()) -> bytes:
         """The canonical bytes of signed ``data`` read at ``path``; BadFile (``unsigned``/``bad signature``)

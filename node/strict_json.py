@@ -21,36 +21,44 @@ def encode_json(obj: Any) -> bytes:
 
 def parse_json_bytes(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Strict JSON from untrusted bytes: UTF-8, no NaN/Infinity, finite numbers, depth <= ``max_depth``.
-    Raises ValueError with a short reason (never RecursionError)."""
+    Raises ValueError with a short reason (never RecursionError). Every number is checked as it is parsed
+    (``1e999`` would parse to inf); the depth is measured over the parsed containers."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"not UTF-8: {err.reason} at byte {err.start}") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError(f"nested deeper than {max_depth} levels") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    except ValueError as err:  # parse_constant, int digit limits
+    except ValueError as err:  # parse_constant, parse_float, int digit limits
         raise ValueError(f"invalid JSON: {str(err)[:200]}") from None
-    _check_json_tree(obj, max_depth)
+    if nesting_depth(obj) > max_depth:
+        raise ValueError(f"nested deeper than {max_depth} levels")
     return obj
+
+
+def nesting_depth(obj: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (0 for a scalar), without recursion; only
+    containers are visited (numbers were checked while parsing)."""
+    deepest, stack = 0, ([(obj, 1)] if type(obj) in (dict, list) else [])
+    while stack:
+        value, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+        children = value.values() if type(value) is dict else value
+        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return deepest
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed (numbers must be finite)")
 
 
-def _check_json_tree(obj: Any, max_depth: int) -> None:
-    """Iteratively: nesting depth <= max_depth and every float finite (``1e999`` parses to inf)."""
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > max_depth:
-                raise ValueError(f"nested deeper than {max_depth} levels")
-            children = value.values() if isinstance(value, dict) else value
-            stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list, float)))
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("numbers must be finite")
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError("numbers must be finite")
+    return value
