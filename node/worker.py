@@ -274,7 +274,7 @@ class Worker:
 
     def _external_groups(self, round_: int, local, timings: dict):
         """Publish ours, wait (bounded) for the peers', take J of theirs: (selection, files rejected, published, live
-        peers whose file had not arrived when the wait ended)."""
+        peers whose file had not landed by the fetch: skipped this round)."""
         cfg = self.config
         self.heartbeat.progress("publish", round_=round_)
         with phase(timings, "publish_s"):
@@ -282,6 +282,8 @@ class Worker:
         with phase(timings, "wait_s"):
             missing = self.wait_for_peers(round_)
         self.heartbeat.progress("fetch", round_=round_)
+        if missing:  # a file that landed since the wait ended is fetched (and used) all the same
+            missing -= peer_files_present(self.store, self.layout, round_, missing)
         shared, rejected = ([], 0)
         with phase(timings, "fetch_s"):
             if cfg.sapo.num_transplant_trees > 0:
@@ -307,8 +309,9 @@ class Worker:
 
     def wait_for_peers(self, round_: int) -> set[str]:
         """Wait, bounded, until every live peer published round ``round_`` (or the round moved on). Returns the
-        live peers whose file had not appeared when the wait ended: a file that lands later (a slow or lagging
-        mount, a peer on another host) is not used this round, only counted (``peer_files_missing``)."""
+        live peers whose file had not appeared when the wait ended (a slow or lagging mount, a peer on another
+        host): the round never waits longer for them; files still absent at the fetch are skipped and counted
+        (``peer_files_missing``)."""
         cfg = self.config
         if cfg.sapo.num_transplant_trees == 0:
             return set()

@@ -262,7 +262,7 @@ class ExperimentGate:
     MAX_BYTES = 1024 * 1024  # a config snapshot is a few KiB
 
     def __init__(self, path: Path, context: str, key: bytes | None, *, required: bool = True,
-                 interval_s: float = 1.0):
+                 interval_s: float = 0.5):
         self.path, self.context, self.interval_s = Path(path), context, interval_s
         self.signer = Signer(key, required=required)
         self.key_text = f"fingerprint {fingerprint(key)}" if key is not None else "no key"
@@ -272,7 +272,7 @@ class ExperimentGate:
         self._next: float | None = None
 
     @classmethod
-    def for_layout(cls, layout, key: bytes | None, *, required: bool = True, interval_s: float = 1.0):
+    def for_layout(cls, layout, key: bytes | None, *, required: bool = True, interval_s: float = 0.5):
         """The gate on ``layout``'s ``state/config.json`` (signature context: its path in the experiment)."""
         path = layout.config_file()
         return cls(path, path.relative_to(layout.root).as_posix(), key, required=required, interval_s=interval_s)
