@@ -145,7 +145,7 @@ def _environ_with_key(key_file: str | None, runtime_dir, *, join: bool = False) 
 def cmd_status(args) -> int:
     config, _ = _load(args)
     return live.show_status(_paths(args, config), config.experiment.name, as_json=args.json,
-                            watch=args.watch, console=console_for(sys.stdout))
+                            watch=args.watch, console=console_for(sys.stdout), config=config, key_file=args.key_file)
 
 
 def cmd_stop(args) -> int:
@@ -274,6 +274,8 @@ def _run_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
     _join_args(p, "the joining host's supervisor (swarm launch --join)")
+    p.add_argument("--key-file", metavar="PATH", help="the experiment key, to verify the swarm's peer records (default "
+                   "as the nodes: env SWARM_KEY, SWARM_KEY_FILE, then <runtime dir>/swarm.key)")
     p = _command(sub, "stop", cmd_stop, "stop the supervisor gracefully (nodes checkpoint first)",
                  "SIGTERM the supervisor; it SIGTERMs every node, waits stop_timeout_s for checkpoints, then "
                  "SIGKILLs. Waits for it to exit.")

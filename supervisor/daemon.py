@@ -125,9 +125,11 @@ class Supervisor:
                                 experiment=config.experiment.name, log=self.log)
         self.sampler = ProcessSampler()
         self.gpu_watch: GpuWatch | None = None  # set by prepare() when the workers run on a GPU
+        # The swarm's peer records are checked with the key the nodes get (a joiner's is only in self.environ).
         self.shared = SharedPoller(ExperimentLayout.from_config(config),
                                    [n.name for n in self.nodes.values() if n.role == "worker"],
-                                   interval_s=shared_poll_s, log=self.log)
+                                   interval_s=shared_poll_s, log=self.log, runtime_dir=self.paths.root,
+                                   environ=self.environ, require_signatures=config.exchange.require_signatures)
         self.status_file = status.StatusFile(self.paths.status_file, self.log)
         # tracking.report_to: metrics and eval lines streamed to TensorBoard/W&B from a thread of its own
         self.tracking = Tracking(config, [n.name for n in self.nodes.values() if n.role == "worker"], self.paths.root,

@@ -279,7 +279,7 @@ def peer_clock_offset(swarm, node: str) -> float:
 
 @pytest.mark.slow
 def test_a_skewed_joiner_is_killed_as_a_host_and_resumes(make_swarm, tmp_path):
-    first, joiner = two_hosts(make_swarm, tmp_path, "experiment.max_rounds=12", "exchange.fetch_timeout_s=5",
+    first, joiner = two_hosts(make_swarm, tmp_path, "experiment.max_rounds=14", "exchange.fetch_timeout_s=5",
                               clock=+SKEW_S)
     t, max_rounds = first.t, first.config.experiment.max_rounds
     joiner.launch()  # before the first host: it waits for the experiment, and says so
@@ -338,6 +338,10 @@ def test_a_skewed_joiner_is_killed_as_a_host_and_resumes(make_swarm, tmp_path):
         record = json.loads((first.exp / "peers" / f"{w}.json").read_text())
         assert record["host"] == "hostb" and record["status"] == "finished"
     check_every_worker(first, joiner)
+    # The joiner's last status lists every node of both hosts, their records checked with the key it was given.
+    hosts = {n["node"]: n["host"] for n in (joiner.status().get("swarm") or {}).get("nodes", []) if n.get("verified")}
+    assert set(first.names) | set(joiner.workers) <= set(hosts), hosts
+    assert {hosts[w] for w in joiner.workers} == {"hostb"} and hosts["worker_1"] != "hostb"
 
     # The coordinator counted the joiner's workers as live before the kill and again after the relaunch (their
     # records dated by their own skewed clocks), and no round waited for the vanished host past the heartbeat
