@@ -78,7 +78,7 @@ class Coordinator:
                                  rng=random.Random(config.experiment.seed))
         self._written: tuple[RoundState, tuple | None] | None = None  # what we last wrote, its file signature
         self._stale_results: dict[str, tuple] = {}  # results already there when the current round started
-        self._results: dict[int, dict[str, RoundResult]] = {}  # valid results seen, per round and worker
+        self._results: dict[int, dict[str, float]] = {}  # when (our clock) each valid result was first seen
         self._switch: PendingSwitch | None = None
         self.wakeup = Wakeup(enabled=not events_disabled())  # ticks wake when a result lands, not at the poll
         self.poll_s = poll_interval(config)
@@ -211,7 +211,7 @@ class Coordinator:
                                         expect_node=worker)
             if result is not None:
                 names.add(worker)
-                self._results.setdefault(round_, {})[worker] = result
+                self._results.setdefault(round_, {}).setdefault(worker, self.clock())
         return names
 
     def _note_stale_results(self, round_: int) -> None:
@@ -305,8 +305,11 @@ class Coordinator:
             self.store.makedirs(results)  # so it can be watched before the first worker creates it
         except (OSError, ValueError):
             pass  # the mount is away or the path is hostile: polling still works
-        self.wakeup.watch([results])
         expected = {f"{w}.json" for w in self.peers.known_workers(scan=False)}
+        # while a switch is pending, also wake when a worker's record says it started the new round
+        armed = self.wakeup.watch([results] if self._switch is None else [results, self.layout.peers_dir()])
+        if armed:
+            return  # what landed before the watch raised no event: tick once more first
         self.stop.wait_for(self.wakeup, self.poll_s, wanted=expected.__contains__)
 
     def _follow_switch(self, live: dict, now: float) -> None:
@@ -316,7 +319,9 @@ class Coordinator:
         if switch is None:
             return
         for name, record in live.items():
-            switch.observe(name, record.round, record.heartbeat_at)
+            seen_at = self.peers.changed_at(name)  # our clock: another host's may be minutes off
+            if seen_at is not None:
+                switch.observe(name, record.round, seen_at)
         if switch.complete or now - switch.advanced_at > self.config.coordinator.round_timeout_s:
             line = switch.line()
             log.info("round_switch", **line)
@@ -348,8 +353,8 @@ class Coordinator:
         finished = next_round >= cfg.experiment.max_rounds
         new = replace(state, round=next_round, started_at=now, updated_at=now, finished=finished,
                       max_rounds=cfg.experiment.max_rounds)
-        results = self._results.get(state.round, {})
-        last_result = max((results[w].submitted_at for w in live & submitted), default=None)
+        seen = self._results.get(state.round, {})
+        last_result = max((seen[w] for w in live & submitted), default=None)
         if not finished:
             self._note_stale_results(next_round)
         self._results = {}

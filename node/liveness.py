@@ -79,6 +79,11 @@ class PeerTracker:
         seen = self._seen.get(name)
         return seen is not None and seen.changed_at >= since
 
+    def changed_at(self, name: str) -> float | None:
+        """When (our clock) ``name``'s record was last seen to change; None when never seen valid."""
+        seen = self._seen.get(name)
+        return None if seen is None or seen.record is None else seen.changed_at
+
     def known_workers(self, *, scan: bool = True) -> set[str]:
         """Every worker with a valid record seen so far, live or not."""
         if scan:

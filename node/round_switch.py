@@ -4,9 +4,11 @@ The swarm's own cost per round is the switch: the coordinator noticing that the 
 (``detect``), writing the next state, and every worker noticing it and starting the round (``start``). With
 2000 rounds of ~1 s each, every 100 ms of switch costs 10 % of the run, so it is measured every round.
 
-Times: a result's ``submitted_at`` and the ``heartbeat_at`` of the first peer record a worker writes when it
-starts a round (it forces one at the start) are the writers' clocks; the advance is the coordinator's. On one
-host these are the same clock; across hosts the figure includes their skew (issue: more hosts).
+Times are the coordinator's own clock, never a writer's (another host's may be minutes off): when it first saw
+each result (it wakes on the file's event), when it advanced, and when it saw each worker's peer record say
+it started the next round (a worker forces a record at the start of a round; the coordinator watches the peers
+directory while a switch is pending). So the figure is what the coordinator observed, a millisecond or two
+after the writes on one host, the mount's propagation lag later across hosts.
 """
 
 from __future__ import annotations
@@ -16,19 +18,19 @@ from dataclasses import dataclass, field
 
 @dataclass
 class PendingSwitch:
-    """A round that started, waiting for every expected worker to start it."""
+    """A round that started, waiting for every expected worker to start it (all times: the coordinator's clock)."""
 
     round: int
     reason: str
-    last_result_at: float | None  # the newest result of the previous round (None: advanced on a timer)
+    last_result_at: float | None  # when the last result of the previous round was seen (None: on a timer)
     advanced_at: float
     expected: frozenset[str]
     started: dict[str, float] = field(default_factory=dict)
 
-    def observe(self, worker: str, record_round: int, heartbeat_at: float) -> None:
-        """A worker's peer record says it is in ``record_round`` (as of ``heartbeat_at``)."""
+    def observe(self, worker: str, record_round: int, seen_at: float) -> None:
+        """A worker's peer record, seen (our clock) at ``seen_at``, says it is in ``record_round``."""
         if worker in self.expected and worker not in self.started and record_round >= self.round:
-            self.started[worker] = heartbeat_at
+            self.started[worker] = seen_at
 
     @property
     def complete(self) -> bool:

@@ -8,8 +8,8 @@ say when a file lands instead (inotify). Events are only a hint, never the truth
 - the wait is bounded by the poll interval, so writers the watch cannot see (another host on the same
   Drive, a FUSE mount that delivers no events, a directory created after the watch) are still seen;
 - only names the caller cares about wake it (``wanted(name)``), so junk files cost no wake, and at most
-  :data:`MAX_WAKES_PER_INTERVAL` wakes (and :data:`MAX_IDLE_READS_PER_INTERVAL` reads of unwanted events)
-  happen per poll interval: an event storm degrades to plain polling, never to a busy loop.
+  :data:`MAX_WAKES_PER_SECOND` wakes (and :data:`MAX_IDLE_READS_PER_SECOND` reads of unwanted events)
+  happen per second: an event storm degrades to plain polling, never to a busy loop.
 
 inotify_simple (a thin, dependency-free wrapper of the inotify syscalls, no threads) is used rather than
 watchdog (an observer thread per watch, callbacks across threads, polling emulation we do not need: the
@@ -28,10 +28,10 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-MAX_WAKES_PER_INTERVAL = 8
+MAX_WAKES_PER_SECOND = 50  # a wake costs the caller one look (~1 ms): at most a few percent of a core
 # Reads that brought only unwanted events (temp files of atomic writes, junk) allowed per poll interval
 # before the wait gives up on events and sleeps: a few per write are normal, a storm is not.
-MAX_IDLE_READS_PER_INTERVAL = 64
+MAX_IDLE_READS_PER_SECOND = 200
 _READ_MASK_NAMES = ("CLOSE_WRITE", "MOVED_TO", "CREATE", "DELETE", "ATTRIB")
 
 try:  # Linux only; anything else polls
@@ -72,14 +72,17 @@ class Wakeup:
         """True when waits can be woken by events (else they are plain sleeps)."""
         return self._inotify is not None
 
-    def watch(self, directories) -> None:
-        """Watch exactly ``directories`` (added and removed as needed; missing ones are retried later)."""
+    def watch(self, directories) -> bool:
+        """Watch exactly ``directories`` (added and removed as needed; missing ones are retried later). True
+        when a watch was added: what changed there before it was armed raised no event, so the caller should
+        look once more before it waits."""
         wanted = tuple(Path(d) for d in directories)
         if self._inotify is None:
-            return
+            return False
         if wanted == self._wanted_dirs and len(self._watches) == len(set(wanted)):
-            return
+            return False
         self._wanted_dirs = wanted
+        added = False
         for wd, path in list(self._watches.items()):
             if path not in wanted:
                 self._remove(wd)
@@ -95,6 +98,8 @@ class Wakeup:
                 continue  # not there yet (or not a directory): the next watch() tries again
             self._watches[wd] = path
             have.add(path)
+            added = True
+        return added
 
     def _remove(self, wd: int) -> None:
         self._watches.pop(wd, None)
@@ -110,7 +115,7 @@ class Wakeup:
             self.sleep(timeout_s)
             return False
         deadline = self.clock() + timeout_s
-        if self._over_budget(timeout_s):
+        if self._over_budget():
             self.sleep(timeout_s)  # an event storm: poll, drain what piled up meanwhile
             self._drain(wanted)
             return False
@@ -126,16 +131,16 @@ class Wakeup:
                 self.woken += 1
                 return True
             self._idle_reads += 1  # a storm of unwanted events must not spin this loop
-            if self._idle_reads >= MAX_IDLE_READS_PER_INTERVAL:
+            if self._over_budget():
                 self.sleep(max(0.0, deadline - self.clock()))
                 self._drain(wanted)
                 return False
 
-    def _over_budget(self, interval_s: float) -> bool:
+    def _over_budget(self) -> bool:
         now = self.clock()
-        if now - self._window_start >= max(interval_s, 1e-3):
+        if now - self._window_start >= 1.0:
             self._window_start, self._wakes, self._idle_reads = now, 0, 0
-        return self._wakes >= MAX_WAKES_PER_INTERVAL or self._idle_reads >= MAX_IDLE_READS_PER_INTERVAL
+        return self._wakes >= MAX_WAKES_PER_SECOND or self._idle_reads >= MAX_IDLE_READS_PER_SECOND
 
     def _drain(self, wanted: Callable[[str], bool]) -> None:
         self._relevant(self._inotify.read(timeout=0), wanted)
