@@ -23,7 +23,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from harness import PY
+from harness import PY, still_alive
 from scenarios import (WORKERS, Chaos, Outside, Swarm, check_logs, fake_signed, plant, read_ours, scenario,
                        unsigned, _fmt_s)
 
@@ -91,14 +91,17 @@ def _state_forgeries(old_signed: bytes) -> list[tuple[str, object]]:
 
 
 def _kill_coordinator_while(run: Swarm, forge) -> float:
-    """SIGKILL the coordinator right after ``forge()`` planted its files; wait until a new coordinator
-    repaired the state and advanced a round. Returns the seconds from the kill to that round."""
+    """SIGKILL the coordinator right after ``forge()`` planted its files, and plant them again once it is
+    dead (it may have repaired them in between), so its successor starts on the forgery; wait until that
+    one repaired the state and advanced a round. Returns the seconds from the kill to that round."""
     pid = run.wait_for(lambda: run.running_pid("coordinator"), run.t.budget(launches=0, restarts=1),
                        "the coordinator RUNNING")
     before = run.signed_round()
-    forged = forge()
+    forge()
     t_kill = time.monotonic()
     os.kill(pid, signal.SIGKILL)
+    assert not still_alive([pid], 10), f"the coordinator {pid} survived SIGKILL"
+    forged = forge()
     run.wait_for(lambda: run.node("coordinator").get("pid") not in (None, pid) and _state_repaired(run, forged, before)
                  and (run.signed_round() > before or (run.signed_state() or {}).get("finished")),
                  run.t.budget(launches=0, restarts=1, rounds=1), "a new coordinator to repair the state and advance")
