@@ -172,7 +172,9 @@ class Coordinator:
                 log.warning("state_write_failed", error=str(err))
                 self.heartbeat.progress("state_write_failed")
                 self.stop.sleep(self.poll_s * 5)
-        self._written = (state, _file_signature(self.store.lstat(self.layout.state_file())))
+        # Not the file's signature yet: something could have replaced it since the rename. The next guard
+        # reads it back once and records the signature of what it found equal to this state.
+        self._written = (state, None)
         if self.local_state is not None:
             try:
                 # not fsynced: a backup, needed only if the shared copy is also lost; keeps the switch fast
@@ -182,20 +184,32 @@ class Coordinator:
 
     def guard_state_file(self) -> None:
         """Rewrite the state file when it changed behind our back (forged, replaced, deleted): one lstat
-        per call while nothing happens."""
+        per call while nothing happens. A mount that is away is left alone (the next call looks again)."""
         if self._written is None:
             return
         state, sig = self._written
-        now_sig = _file_signature(self.store.lstat(self.layout.state_file()))
+        now_sig = self._signature_of(self.layout.state_file())
         if now_sig is not None and now_sig == sig:
             return
-        on_disk, why = self.store.read_as_or_reason(self.layout.state_file(), RoundState.from_json,
-                                                    expect_experiment=self.config.experiment.name)
+        try:
+            on_disk, why = self.store.read_as_or_reason(self.layout.state_file(), RoundState.from_json,
+                                                        expect_experiment=self.config.experiment.name)
+        except OSError as err:
+            log.info("state_guard_unreachable", error=str(err))
+            return
         if on_disk == state:
             self._written = (state, now_sig)
             return
         log.warning("state_repaired", found=why or f"round {on_disk.round}", round=state.round)
         self.write_state(state)
+
+    def _signature_of(self, path) -> tuple | None:
+        """(mtime, size, inode) of a shared-dir file, or None: missing, unreachable, or on a path leading out
+        of the experiment (e.g. a round directory planted as a symlink)."""
+        try:
+            return _file_signature(self.store.lstat(path))
+        except (OSError, ValueError):
+            return None
 
     def submitted(self, round_: int) -> set[str]:
         """Known workers (a valid peer record) with a valid round result for ``round_``; results that were
@@ -204,7 +218,7 @@ class Coordinator:
         names = set()
         for worker in self.peers.known_workers(scan=False):
             path = self.layout.reward_file(round_, STAGE, worker)
-            sig = _file_signature(self.store.lstat(path))
+            sig = self._signature_of(path)
             if sig is None or self._stale_results.get(worker) == sig:
                 continue
             result = self.store.read_as(path, RoundResult.from_json, expect_round=round_, expect_stage=STAGE,
@@ -218,7 +232,7 @@ class Coordinator:
         """Remember the result files already present for a round that starts now."""
         stale = {}
         for worker in self.peers.known_workers(scan=False):
-            sig = _file_signature(self.store.lstat(self.layout.reward_file(round_, STAGE, worker)))
+            sig = self._signature_of(self.layout.reward_file(round_, STAGE, worker))
             if sig is not None:
                 stale[worker] = sig
         if stale:
@@ -287,7 +301,9 @@ class Coordinator:
         cfg = self.config
         started = self.clock()
         while True:
-            live = self.peers.live_workers()
+            # "running": loaded and waiting for a round. A "starting" record is written before the model
+            # loads, which may take longer than a round: counting it would start round 0 without that worker.
+            live = {name: r for name, r in self.peers.live_workers().items() if r.status == "running"}
             waited = self.clock() - started
             if len(live) >= cfg.supervisor.workers or waited >= cfg.supervisor.startup_timeout_s:
                 log.info("swarm_starting", workers=sorted(live), waited_s=round(waited, 1))

@@ -11,10 +11,11 @@ host with a skewed clock look dead. Here a record is live while it keeps **chang
   once and then must keep changing like any other.
 
 Scans are bounded: peers known to be valid are looked at by name every scan (one lstat each); the
-directory is listed to discover new peers at most every ``discover_every_s``, and then at most
-``max_records`` unknown names are looked at, in a seeded random order, so junk names cannot crowd real peers
-out or make a scan cost more than a bounded number of reads. A file whose ``lstat`` signature did not change
-since it was last read is not read again (a forged or broken file costs one lstat).
+directory is listed to discover new peers at most every ``discover_every_s``, and then every unknown name
+(up to :data:`MAX_NAMES_PER_SCAN`, in a seeded random order) costs one lstat, and at most ``max_records`` new
+or changed files are read. A file whose ``lstat`` signature did not change since it was last read is not
+read again, so thousands of junk names cost a few milliseconds once each has been read, and a real peer
+among them is found at the next discovery.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from node.layout import ExperimentLayout, check_node_id
 from node.schemas import PeerRecord
 from node.storage import SharedStore
 
-DEFAULT_MAX_RECORDS = 1024
+DEFAULT_MAX_RECORDS = 1024  # new or changed unknown records read per discovery
+MAX_NAMES_PER_SCAN = 20_000  # unknown names looked at (one lstat each) per discovery
 DEFAULT_DISCOVER_EVERY_S = 1.0
 _MAX_REMEMBERED = 65536  # file signatures kept across scans (junk included); then the cache starts over
 
@@ -58,12 +60,15 @@ class PeerTracker:
         """Look at the peers directory once (bounded, see the module doc)."""
         now = self.clock()
         known = [name for name, seen in self._seen.items() if seen.record is not None]
-        names = known
+        for name in known:
+            self._look(name, now)
         if now - self._discovered_at >= self.discover_every_s:
             self._discovered_at = now
-            names = known + self._unknown_names(set(known))
-        for name in names:
-            self._look(name, now)
+            reads = 0
+            for name in self._unknown_names(set(known)):
+                if reads >= self.max_records:
+                    break  # the rest next time, in another order
+                reads += self._look(name, now)
 
     def live_workers(self, *, scan: bool = True) -> dict[str, PeerRecord]:
         """Workers whose record changed within the timeout (our clock) and that did not say finished."""
@@ -92,7 +97,8 @@ class PeerTracker:
 
     # -- one scan ---------------------------------------------------------------------------------------
     def _unknown_names(self, known: set[str]) -> list[str]:
-        """Up to ``max_records`` node ids with a peer file that is not (yet) a known peer, shuffled."""
+        """Node ids with a peer file that is not (yet) a known peer, shuffled; at most
+        :data:`MAX_NAMES_PER_SCAN` (each costs an lstat; only new or changed files are read)."""
         others = []
         for name in self.store.listdir(self.layout.peers_dir()):
             if name.endswith(".json") and not name.startswith(".") and name[:-5] not in known:
@@ -101,17 +107,21 @@ class PeerTracker:
                 except ValueError:
                     continue
         self.rng.shuffle(others)
-        return others[:self.max_records]
+        return others[:MAX_NAMES_PER_SCAN]
 
-    def _look(self, name: str, now: float) -> None:
+    def _look(self, name: str, now: float) -> bool:
+        """Look at ``name``'s record once; True when it had to be read (new or changed)."""
         path = self.layout.peer_file(name)
-        st = self.store.lstat(path)
+        try:
+            st = self.store.lstat(path)
+        except ValueError:  # peers/ itself leads out of the experiment
+            return False
         if st is None:
-            return
+            return False
         seen = self._seen.get(name)
         file_sig = (st.st_mtime_ns, st.st_size, st.st_ino)
         if seen is not None and seen.file_sig == file_sig:
-            return  # unchanged since we last read it
+            return False  # unchanged since we last read it
         if seen is None:
             if len(self._seen) >= _MAX_REMEMBERED:
                 self._seen = {k: v for k, v in self._seen.items() if v.record is not None}
@@ -119,10 +129,11 @@ class PeerTracker:
         seen.file_sig = file_sig
         record = self.store.read_as(path, PeerRecord.from_json, expect_node=name)
         if record is None:
-            return
+            return True
         version = (record.started_at, record.progress)
         if version <= seen.version:
-            return  # the same or an older copy (a replay): not a sign of life
+            return True  # the same or an older copy (a replay): not a sign of life
         first_sight = seen.record is None
         seen.version, seen.record = version, record
         seen.changed_at = min(now, record.heartbeat_at) if first_sight else now
+        return True

@@ -187,3 +187,64 @@ def test_results_of_workers_that_are_not_live_never_complete_a_round():
     kw = dict(interval_s=60, timeout_s=120)
     assert decide_advance("completion", elapsed_s=1, live=set(), submitted={"ghost"}, **kw) is None
     assert decide_advance("hybrid", elapsed_s=1, live=set(), submitted={"ghost"}, **kw) is None
+
+
+def test_a_state_forged_right_after_our_write_is_repaired_at_the_next_tick(tmp_path):
+    c = _signed_coordinator(tmp_path)
+    _register(c, "worker_1")
+    state = _state(2)
+    real_write = c.store.write_json_atomic
+
+    def write_then_forge(path, obj, **kwargs):  # the forgery lands between our rename and anything after it
+        real_write(path, obj, **kwargs)
+        c.layout.state_file().write_bytes(json.dumps(_state(2, finished=True).to_json()).encode())
+    c.store.write_json_atomic = write_then_forge
+    c.write_state(state)
+    c.store.write_json_atomic = real_write
+    c.tick(state)
+    assert c.store.read_as(c.layout.state_file(), RoundState.from_json) == state
+
+
+def test_a_round_directory_planted_as_a_symlink_out_of_the_experiment_is_not_a_crash(tmp_path):
+    c = _signed_coordinator(tmp_path)
+    _register(c, "worker_1")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (c.layout.root / "rewards").mkdir(parents=True, exist_ok=True)
+    (c.layout.root / "rewards" / "round_1").symlink_to(outside)
+    state = _state(0)
+    c.write_state(state)
+    _submit(c, "worker_1", 0)
+    state = c.tick(state)  # advancing notes round 1's results: through the planted link
+    assert state.round == 1 and c.submitted(1) == set() and list(outside.iterdir()) == []
+
+
+def test_an_unreachable_mount_leaves_the_state_guard_quiet(tmp_path, monkeypatch):
+    c = _signed_coordinator(tmp_path)
+    c.write_state(_state(1))
+
+    def away(*args, **kwargs):
+        raise OSError(107, "Transport endpoint is not connected")
+    monkeypatch.setattr(c.store, "read_as_or_reason", away)
+    c.guard_state_file()  # no exception: the next tick looks again
+
+
+def test_round_0_waits_for_workers_that_finished_loading(tmp_path):
+    c = _signed_coordinator(tmp_path)
+    c.config = resolve_config(CONFIG, environ={}, overrides=[f"experiment.root={tmp_path}", "supervisor.workers=1",
+                                                             "supervisor.startup_timeout_s=0.5"])
+    now = time.time()
+    loading = PeerRecord(node_id="worker_1", role="worker", pid=1, host="h", started_at=now, heartbeat_at=now,
+                         round=0, progress=1, status="starting")
+    c.store.write_json_atomic(c.layout.peer_file("worker_1"), loading.to_json())
+    t = time.monotonic()
+    c.wait_for_workers()
+    assert time.monotonic() - t >= 0.5  # a "starting" worker is still loading: round 0 waited for it
+    running = PeerRecord(node_id="worker_1", role="worker", pid=1, host="h", started_at=now, heartbeat_at=now + 1,
+                         round=0, progress=2, status="running")
+    c.store.write_json_atomic(c.layout.peer_file("worker_1"), running.to_json())
+    c.config = resolve_config(CONFIG, environ={}, overrides=[f"experiment.root={tmp_path}", "supervisor.workers=1",
+                                                             "supervisor.startup_timeout_s=30"])
+    t = time.monotonic()
+    c.wait_for_workers()
+    assert time.monotonic() - t < 15  # it is running: round 0 starts

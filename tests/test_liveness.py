@@ -106,3 +106,16 @@ def test_thousands_of_junk_records_cost_one_lstat_each_and_never_hide_a_known_pe
     assert len(junk_reads) <= 20 * 255  # at most the cap per scan...
     assert len(set(junk_reads)) == len(junk_reads)  # ...and each junk file read once, then only lstat'ed
     print(f"20 scans of 5000 junk records: {elapsed:.2f} s, {len(junk_reads)} junk reads")
+
+
+def test_a_new_peer_among_thousands_of_junk_names_is_found_at_the_next_discovery(tmp_path):
+    store, clock = _store(tmp_path), Clock()
+    tracker = PeerTracker(store, store.layout, timeout_s=10, clock=clock, max_records=1024)
+    for i in range(5000):
+        (store.layout.peers_dir() / f"a{i:05d}.json").write_bytes(b'{"node_id":"a"}')
+    for _ in range(6):  # each junk file is read once (1024 per discovery), then only lstat'ed
+        clock.t += 1
+        tracker.scan()
+    _write(store, "worker_7", beat=clock.t, progress=1)
+    clock.t += 1
+    assert set(tracker.live_workers()) == {"worker_7"}
