@@ -13,7 +13,11 @@ from scenarios import record
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 ROUNDS = 12
-SETS = (f"experiment.max_rounds={ROUNDS}", "sapo.max_new_tokens=24")
+# The mount drops between worker_1's publish and its submit; the submit must then happen within the outage
+# (and be spooled): a short peer wait (a worker caught waiting for its peer's file otherwise waits out the whole
+# outage) and several optimizer steps (a longer window to catch it in; rounds are otherwise sub-second).
+SETS = (f"experiment.max_rounds={ROUNDS}", "sapo.max_new_tokens=24", "sapo.optimizer_steps_per_round=8",
+        "exchange.fetch_timeout_s=1")
 DOWN_S = 6.0
 
 
