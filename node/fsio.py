@@ -486,26 +486,3 @@ def list_files(directory: Path | str, *, suffix: str = ".json",
     except (FileNotFoundError, NotADirectoryError):
         return [], []
     return sort_entries(d, names, suffix=suffix, lstat=fs.lstat)
-
-
-def remove_tree(path: Path | str, *, fs: Any = REAL_FS,
-                call: Callable[[Callable[[], Any], str], Any] = lambda fn, what: fn()) -> None:
-    """Delete a file or directory tree without following symlinks (a symlink is unlinked, never entered);
-    iterative, so a hostile deep tree cannot exhaust the stack. Entries that vanish meanwhile are fine.
-    Each OS call goes through ``call(fn, what)`` (a retry policy); other errors propagate."""
-    stack: list[tuple[Path, bool]] = [(Path(path), False)]  # (path, children already queued)
-    while stack:
-        p, expanded = stack.pop()
-        try:
-            if expanded:
-                call(lambda: fs.rmdir(p), "rmdir")
-                continue
-            st = call(lambda: fs.lstat(p), "lstat")
-            if not stat.S_ISDIR(st.st_mode):
-                call(lambda: fs.unlink(p), "unlink")
-                continue
-            names = call(lambda: fs.listdir(p), "listdir")
-        except FileNotFoundError:
-            continue
-        stack.append((p, True))
-        stack.extend((p / name, False) for name in names)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal, TypeVar, Union
 import filelock
 import structlog
 
-from node import fdtree, fsio
+from node import fsio
 from node.bgsync import BackgroundSync
 from node.config import plain_name_problem
 from node.confine import Confinement
@@ -415,12 +415,6 @@ class SharedStore:
             return None
 
     # -- deletion (retention) and locks ---------------------------------------------------------------
-    def remove_tree(self, path: Path | str) -> None:
-        """Delete a file or tree inside the experiment (or archive) dir through directory file descriptors
-        (:func:`node.fdtree.remove_under`: no path is resolved twice, symlinks are unlinked, never entered),
-        each OS call with retries; entries that vanish meanwhile are fine, other errors propagate."""
-        fdtree.remove_under(self._confine.bases, self.check_inside(path), call=self._retry)
-
     def lock(self, name: str, *, timeout: float = -1) -> filelock.FileLock:
         """A file lock ``<lock_dir>/<name>.lock`` for read-modify-write sequences on this host. The same
         object is returned for the same name (re-entrant in one thread; threads exclude each other)."""

@@ -124,21 +124,6 @@ def test_list_files_sorts_and_refuses(tmp_path):
     assert fsio.list_files(tmp_path / "missing") == ([], [])
 
 
-def test_remove_tree_never_follows_symlinks(tmp_path):
-    keep = tmp_path / "keep"
-    keep.mkdir()
-    (keep / "precious").write_text("x")
-    tree = tmp_path / "tree" / "a" / "b"
-    tree.mkdir(parents=True)
-    (tree / "f").write_text("x")
-    (tree / "link").symlink_to(keep)
-    fsio.remove_tree(tmp_path / "tree")
-    assert not (tmp_path / "tree").exists() and (keep / "precious").exists()
-    fsio.remove_tree(tmp_path / "tree")  # already gone: fine
-
-
-# -- heartbeats use the same write and checked read ---------------------------------------------------------
-
 def test_heartbeat_round_trip_and_refusals(tmp_path):
     beat = Heartbeat(tmp_path, "worker_1", "worker", 1.0, clock=lambda: 5.0)
     beat.write()
